@@ -80,7 +80,11 @@ mod tests {
 
     #[test]
     fn blocklist_wins_and_allowlist_restricts() {
-        let ip = |s: &str| s.parse::<IpAddr>().ok().unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        let ip = |s: &str| {
+            s.parse::<IpAddr>()
+                .ok()
+                .unwrap_or(IpAddr::from([0, 0, 0, 0]))
+        };
         let allow = rules(&["10.0.0.0/8", "2001:db8::/32"]);
         let block = rules(&["10.1.2.3"]);
         assert!(is_allowed(ip("10.9.9.9"), &allow, &block));

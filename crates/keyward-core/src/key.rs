@@ -146,10 +146,10 @@ pub fn authorize(
     if !ip::is_allowed(access.client_ip, &key.allowed_ips, &key.blocked_ips) {
         return Err(ErrorCode::IpNotAllowed);
     }
-    if let Some(endpoint) = &key.endpoint {
-        if access.route != Some(endpoint.as_str()) {
-            return Err(ErrorCode::EndpointNotAllowed);
-        }
+    if let Some(endpoint) = &key.endpoint
+        && access.route != Some(endpoint.as_str())
+    {
+        return Err(ErrorCode::EndpointNotAllowed);
     }
     if !access
         .required_scopes
@@ -207,7 +207,10 @@ mod tests {
         let inference = vec!["inference".to_owned()];
         let management = vec!["management".to_owned()];
         let k = key();
-        assert_eq!(authorize(&k, CURRENT, access(&inference, None, [1, 1, 1, 1]), NOW), Ok(()));
+        assert_eq!(
+            authorize(&k, CURRENT, access(&inference, None, [1, 1, 1, 1]), NOW),
+            Ok(())
+        );
         assert_eq!(
             authorize(&k, CURRENT, access(&management, None, [1, 1, 1, 1]), NOW),
             Err(ErrorCode::InsufficientScope)
@@ -216,25 +219,45 @@ mod tests {
         let mut restricted = key();
         restricted.endpoint = Some("chat".into());
         assert_eq!(
-            authorize(&restricted, CURRENT, access(&management, Some("embed"), [1, 1, 1, 1]), NOW),
+            authorize(
+                &restricted,
+                CURRENT,
+                access(&management, Some("embed"), [1, 1, 1, 1]),
+                NOW
+            ),
             Err(ErrorCode::EndpointNotAllowed)
         );
         assert_eq!(
-            authorize(&restricted, CURRENT, access(&inference, Some("chat"), [1, 1, 1, 1]), NOW),
+            authorize(
+                &restricted,
+                CURRENT,
+                access(&inference, Some("chat"), [1, 1, 1, 1]),
+                NOW
+            ),
             Ok(())
         );
 
         let mut ip_locked = restricted.clone();
         ip_locked.allowed_ips = vec![ip::parse_rule("10.0.0.0/8").unwrap_or_default()];
         assert_eq!(
-            authorize(&ip_locked, CURRENT, access(&management, Some("embed"), [1, 1, 1, 1]), NOW),
+            authorize(
+                &ip_locked,
+                CURRENT,
+                access(&management, Some("embed"), [1, 1, 1, 1]),
+                NOW
+            ),
             Err(ErrorCode::IpNotAllowed)
         );
 
         let mut expired = ip_locked.clone();
         expired.expires_at = Some(NOW);
         assert_eq!(
-            authorize(&expired, CURRENT, access(&inference, None, [1, 1, 1, 1]), NOW),
+            authorize(
+                &expired,
+                CURRENT,
+                access(&inference, None, [1, 1, 1, 1]),
+                NOW
+            ),
             Err(ErrorCode::KeyExpired)
         );
         assert_eq!(expired.state(NOW), KeyState::Expired);
@@ -242,7 +265,12 @@ mod tests {
         let mut revoked = expired.clone();
         revoked.revoked_at = Some(NOW);
         assert_eq!(
-            authorize(&revoked, CURRENT, access(&inference, None, [1, 1, 1, 1]), NOW),
+            authorize(
+                &revoked,
+                CURRENT,
+                access(&inference, None, [1, 1, 1, 1]),
+                NOW
+            ),
             Err(ErrorCode::KeyRevoked)
         );
     }
@@ -251,10 +279,20 @@ mod tests {
     fn previous_secret_works_only_inside_its_grace() {
         let scopes = vec!["inference".to_owned()];
         let k = key();
-        let grace = SecretValidity { valid_until: Some(NOW.plus_secs(10)) };
-        assert_eq!(authorize(&k, grace, access(&scopes, None, [1, 1, 1, 1]), NOW), Ok(()));
+        let grace = SecretValidity {
+            valid_until: Some(NOW.plus_secs(10)),
+        };
         assert_eq!(
-            authorize(&k, grace, access(&scopes, None, [1, 1, 1, 1]), NOW.plus_secs(10)),
+            authorize(&k, grace, access(&scopes, None, [1, 1, 1, 1]), NOW),
+            Ok(())
+        );
+        assert_eq!(
+            authorize(
+                &k,
+                grace,
+                access(&scopes, None, [1, 1, 1, 1]),
+                NOW.plus_secs(10)
+            ),
             Err(ErrorCode::KeyExpired)
         );
     }

@@ -109,7 +109,8 @@ impl PrefixTemplate {
                 rest = &rest[c.len_utf8()..];
             }
         }
-        let longest = Self(template.to_owned()).render(Environment::Live, &"x".repeat(MAX_SLUG_LEN));
+        let longest =
+            Self(template.to_owned()).render(Environment::Live, &"x".repeat(MAX_SLUG_LEN));
         if longest.len() > MAX_PREFIX_LEN {
             return Err(format!(
                 "the prefix template renders to more than {MAX_PREFIX_LEN} characters"
@@ -264,7 +265,11 @@ impl KeyHash {
 
 impl fmt::Debug for KeyHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "KeyHash({:02x}{:02x}{:02x}{:02x}…)", self.0[0], self.0[1], self.0[2], self.0[3])
+        write!(
+            f,
+            "KeyHash({:02x}{:02x}{:02x}{:02x}…)",
+            self.0[0], self.0[1], self.0[2], self.0[3]
+        )
     }
 }
 
@@ -298,16 +303,25 @@ mod tests {
     #[test]
     fn seed_formats_are_expressible() -> Result<(), Box<dyn std::error::Error>> {
         // Xora: `nte_` and 52 characters in all.
-        let nte = KeyFormat { random_length: 42, checksum: true };
+        let nte = KeyFormat {
+            random_length: 42,
+            checksum: true,
+        };
         assert_eq!(expose(&generate("nte_", nte)?).len(), 52);
         // ExoGraph: `exo_key_live_<32>`, no checksum.
-        let exo = KeyFormat { random_length: 32, checksum: false };
+        let exo = KeyFormat {
+            random_length: 32,
+            checksum: false,
+        };
         let t = PrefixTemplate::parse("exo_key_{env}_")?;
         let k = expose(&generate(&t.render(Environment::Live, "x"), exo)?);
         assert!(k.starts_with("exo_key_live_") && k.len() == 13 + 32);
         // Xerotier: `xero_<slug>_<random>`.
         let t = PrefixTemplate::parse("xero_{project}_")?;
-        assert_eq!(t.render(Environment::Test, "my-project"), "xero_my-project_");
+        assert_eq!(
+            t.render(Environment::Test, "my-project"),
+            "xero_my-project_"
+        );
         Ok(())
     }
 
@@ -339,15 +353,24 @@ mod tests {
         assert!(!is_well_formed(b"", f));
         assert!(!is_well_formed(b"kw_live_short", f));
         assert!(!is_well_formed(&[b'a'; 300], f));
-        assert!(!is_well_formed("kw_live_ääääääääääääääääääääääääääää".as_bytes(), f));
-        assert!(!is_well_formed(b"kw_live_0123456789012345678901234567890123456789012XXXXXX", f));
+        assert!(!is_well_formed(
+            "kw_live_ääääääääääääääääääääääääääää".as_bytes(),
+            f
+        ));
+        assert!(!is_well_formed(
+            b"kw_live_0123456789012345678901234567890123456789012XXXXXX",
+            f
+        ));
     }
 
     #[test]
     fn hint_shows_prefix_and_last_four() -> Result<(), FormatError> {
         let key = generate("kw_test_", KeyFormat::default())?;
         let k = expose(&key);
-        assert_eq!(hint("kw_test_", &key), format!("kw_test_…{}", &k[k.len() - 4..]));
+        assert_eq!(
+            hint("kw_test_", &key),
+            format!("kw_test_…{}", &k[k.len() - 4..])
+        );
         Ok(())
     }
 
@@ -372,7 +395,11 @@ mod tests {
                 }
                 let mut changed = original.clone();
                 changed[i] = c;
-                assert!(!verify_checksum(&changed), "position {i} → {}", char::from(c));
+                assert!(
+                    !verify_checksum(&changed),
+                    "position {i} → {}",
+                    char::from(c)
+                );
             }
         }
         Ok(())

@@ -1,0 +1,240 @@
+//! keyward's storage: the [`Store`] trait every backend implements, and the SQLite backend.
+//!
+//! Mutations that users can see take the [`AuditEntry`] that describes them and write both in
+//! one transaction, so the audit log never misses a change nor records one that failed.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use keyward_core::Timestamp;
+use keyward_core::ids::{AuditId, KeyId, OrgId, ProjectId, UserId};
+use keyward_core::key::{ApiKey, KeyState, SecretValidity};
+use keyward_core::key_format::KeyHash;
+
+mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("unsupported store url: {0}")]
+    Unsupported(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Org {
+    pub id: OrgId,
+    pub name: String,
+    pub tier: String,
+    pub default_project_id: Option<ProjectId>,
+    pub created_at: Timestamp,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Project {
+    pub id: ProjectId,
+    pub org_id: OrgId,
+    pub slug: String,
+    pub name: String,
+    /// The validated prefix template, e.g. `kw_{env}_`.
+    pub key_prefix: String,
+    pub created_at: Timestamp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Owner,
+    Admin,
+    Member,
+}
+
+impl Role {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Owner => "owner",
+            Self::Admin => "admin",
+            Self::Member => "member",
+        }
+    }
+
+    pub fn parse(input: &str) -> Option<Self> {
+        match input {
+            "owner" => Some(Self::Owner),
+            "admin" => Some(Self::Admin),
+            "member" => Some(Self::Member),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, PartialEq)]
+pub struct User {
+    pub id: UserId,
+    pub email: String,
+    /// PHC string (argon2id); never the password.
+    pub password_hash: Option<String>,
+    pub created_at: Timestamp,
+}
+
+impl std::fmt::Debug for User {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("User")
+            .field("id", &self.id)
+            .field("email", &self.email)
+            .field("password_hash", &self.password_hash.as_ref().map(|_| "…"))
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditEntry {
+    pub id: AuditId,
+    pub org_id: OrgId,
+    /// Who acted: `usr_…`, `key_…`, `cli` or `system`.
+    pub actor: String,
+    /// What happened, e.g. `key.created`.
+    pub action: String,
+    /// What it happened to, e.g. `key_…`.
+    pub target: Option<String>,
+    pub ip: Option<String>,
+    pub details: serde_json::Value,
+    pub created_at: Timestamp,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PageRequest {
+    pub limit: u32,
+    /// Return items whose id sorts before this one (lists are newest first).
+    pub before: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct KeyFilter {
+    pub project_id: Option<ProjectId>,
+    pub state: Option<KeyState>,
+}
+
+/// A rotation: the new secret's hash and hint, and when the previous secret stops working.
+#[derive(Debug, Clone)]
+pub struct Rotation {
+    pub new_hash: KeyHash,
+    pub new_hint: String,
+    pub new_scopes: Option<Vec<String>>,
+    pub previous_valid_until: Timestamp,
+    pub now: Timestamp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RevokeOutcome {
+    Revoked,
+    AlreadyRevoked,
+}
+
+/// The first organisation, project and management key of an empty store.
+#[derive(Debug, Clone)]
+pub struct Bootstrap {
+    pub org: Org,
+    pub project: Project,
+    pub key: ApiKey,
+    pub key_hash: KeyHash,
+    pub audit: AuditEntry,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Applies pending migrations.
+    async fn migrate(&self) -> StoreResult<()>;
+
+    /// Writes `bootstrap` only if the store holds no organisation yet; says whether it did.
+    async fn bootstrap(&self, bootstrap: &Bootstrap) -> StoreResult<bool>;
+
+    async fn get_org(&self, id: &OrgId) -> StoreResult<Org>;
+    /// The oldest organisation: what local CLI commands act on by default.
+    async fn first_org(&self) -> StoreResult<Option<Org>>;
+
+    async fn create_user(
+        &self,
+        user: &User,
+        membership: Option<(&OrgId, Role)>,
+        audit: &AuditEntry,
+    ) -> StoreResult<()>;
+    async fn get_user(&self, id: &UserId) -> StoreResult<User>;
+
+    async fn create_project(&self, project: &Project, audit: &AuditEntry) -> StoreResult<()>;
+    /// By id (`proj_…`) or slug, within one organisation.
+    async fn get_project(&self, org: &OrgId, id_or_slug: &str) -> StoreResult<Project>;
+    async fn list_projects(&self, org: &OrgId, page: &PageRequest) -> StoreResult<Page<Project>>;
+
+    async fn create_key(&self, key: &ApiKey, hash: &KeyHash, audit: &AuditEntry)
+    -> StoreResult<()>;
+    async fn get_key(&self, org: &OrgId, id: &KeyId) -> StoreResult<ApiKey>;
+    async fn list_keys(
+        &self,
+        org: &OrgId,
+        filter: &KeyFilter,
+        page: &PageRequest,
+        now: Timestamp,
+    ) -> StoreResult<Page<ApiKey>>;
+    /// Writes the mutable fields of a key that is not revoked.
+    async fn update_key(&self, key: &ApiKey, audit: &AuditEntry) -> StoreResult<()>;
+    async fn rotate_key(
+        &self,
+        org: &OrgId,
+        id: &KeyId,
+        rotation: &Rotation,
+        audit: &AuditEntry,
+    ) -> StoreResult<ApiKey>;
+    /// Idempotent: revoking twice is not an error, and is audited once.
+    async fn revoke_key(
+        &self,
+        org: &OrgId,
+        id: &KeyId,
+        now: Timestamp,
+        audit: &AuditEntry,
+    ) -> StoreResult<RevokeOutcome>;
+    /// Resolves a secret's hash to its key, whatever the key's state.
+    async fn find_by_hash(&self, hash: &KeyHash) -> StoreResult<Option<(ApiKey, SecretValidity)>>;
+    /// Revokes every live key among `hashes`, auditing each in its own organisation with
+    /// `actor`; returns how many were revoked.
+    async fn revoke_leaked(
+        &self,
+        hashes: &[KeyHash],
+        now: Timestamp,
+        actor: &str,
+        ip: Option<&str>,
+    ) -> StoreResult<u64>;
+
+    async fn append_audit(&self, entry: &AuditEntry) -> StoreResult<()>;
+    async fn list_audit(&self, org: &OrgId, page: &PageRequest) -> StoreResult<Page<AuditEntry>>;
+}
+
+/// Opens the store named by a `store.url`.
+pub async fn open(url: &str) -> StoreResult<Arc<dyn Store>> {
+    if url.starts_with("sqlite:") {
+        Ok(Arc::new(SqliteStore::open(url).await?))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Err(StoreError::Unsupported(
+            "PostgreSQL support is not built yet; use sqlite://".into(),
+        ))
+    } else {
+        Err(StoreError::Unsupported(
+            "store.url must start with sqlite: or postgres://".into(),
+        ))
+    }
+}

@@ -1,0 +1,682 @@
+//! The embedded default store: one SQLite file in WAL mode.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use ipnet::IpNet;
+use keyward_core::Timestamp;
+use keyward_core::ids::{AuditId, KeyId, OrgId, ProjectId, UserId};
+use keyward_core::key::{ApiKey, KeyState, SecretValidity};
+use keyward_core::key_format::{Environment, KeyHash};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool, sqlite::SqliteRow};
+
+use crate::{
+    AuditEntry, Bootstrap, KeyFilter, Org, Page, PageRequest, Project, RevokeOutcome, Role,
+    Rotation, Store, StoreError, StoreResult, User,
+};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at a `sqlite:` URL, creating its directory.
+    pub async fn open(url: &str) -> StoreResult<Self> {
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(|e| StoreError::Unsupported(e.to_string()))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(5));
+        if let Some(dir) = options.get_filename().parent()
+            && !dir.as_os_str().is_empty()
+            && !Path::new(dir).exists()
+        {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
+            })?;
+        }
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await
+            .map_err(map_err)?;
+        Ok(Self { pool })
+    }
+}
+
+fn map_err(error: sqlx::Error) -> StoreError {
+    match error {
+        sqlx::Error::RowNotFound => StoreError::NotFound,
+        sqlx::Error::Database(db) if db.is_unique_violation() => {
+            StoreError::Conflict(db.message().to_owned())
+        }
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
+            StoreError::Corrupt(error.to_string())
+        }
+        other => StoreError::Unavailable(other.to_string()),
+    }
+}
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Corrupt(what.to_owned())
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> StoreResult<String> {
+    serde_json::to_string(value).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(column: &str, text: &str) -> StoreResult<T> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("{column}: {e}")))
+}
+
+fn ts(millis: Option<i64>) -> Option<Timestamp> {
+    millis.map(Timestamp::from_millis)
+}
+
+fn ips_to_json(ips: &[IpNet]) -> StoreResult<String> {
+    to_json(&ips.iter().map(ToString::to_string).collect::<Vec<_>>())
+}
+
+fn ips_from_json(column: &str, text: &str) -> StoreResult<Vec<IpNet>> {
+    let raw: Vec<String> = from_json(column, text)?;
+    raw.iter()
+        .map(|s| s.parse().map_err(|_| corrupt(column)))
+        .collect()
+}
+
+fn key_from_row(row: &SqliteRow) -> StoreResult<ApiKey> {
+    let get_s = |c: &str| row.try_get::<String, _>(c).map_err(map_err);
+    let get_i = |c: &str| row.try_get::<i64, _>(c).map_err(map_err);
+    let get_oi = |c: &str| row.try_get::<Option<i64>, _>(c).map_err(map_err);
+    let refill: Option<String> = row.try_get("refill").map_err(map_err)?;
+    Ok(ApiKey {
+        id: KeyId::from_trusted(get_s("id")?),
+        org_id: OrgId::from_trusted(get_s("org_id")?),
+        project_id: ProjectId::from_trusted(get_s("project_id")?),
+        name: get_s("name")?,
+        environment: Environment::parse(&get_s("environment")?)
+            .ok_or_else(|| corrupt("environment"))?,
+        hint: get_s("hint")?,
+        scopes: from_json("scopes", &get_s("scopes")?)?,
+        expires_at: ts(get_oi("expires_at")?),
+        allowed_ips: ips_from_json("allowed_ips", &get_s("allowed_ips")?)?,
+        blocked_ips: ips_from_json("blocked_ips", &get_s("blocked_ips")?)?,
+        endpoint: row.try_get("endpoint").map_err(map_err)?,
+        quota_requests: u32::try_from(get_i("quota_requests")?)
+            .map_err(|_| corrupt("quota_requests"))?,
+        quota_window: u32::try_from(get_i("quota_window")?).map_err(|_| corrupt("quota_window"))?,
+        remaining: get_oi("remaining")?,
+        refill: refill.map(|r| from_json("refill", &r)).transpose()?,
+        meta: from_json("meta", &get_s("meta")?)?,
+        created_at: Timestamp::from_millis(get_i("created_at")?),
+        created_by: get_s("created_by")?,
+        last_used_at: ts(get_oi("last_used_at")?),
+        revoked_at: ts(get_oi("revoked_at")?),
+        previous_valid_until: ts(get_oi("previous_valid_until")?),
+    })
+}
+
+fn project_from_row(row: &SqliteRow) -> StoreResult<Project> {
+    Ok(Project {
+        id: ProjectId::from_trusted(row.try_get("id").map_err(map_err)?),
+        org_id: OrgId::from_trusted(row.try_get("org_id").map_err(map_err)?),
+        slug: row.try_get("slug").map_err(map_err)?,
+        name: row.try_get("name").map_err(map_err)?,
+        key_prefix: row.try_get("key_prefix").map_err(map_err)?,
+        created_at: Timestamp::from_millis(row.try_get("created_at").map_err(map_err)?),
+    })
+}
+
+fn org_from_row(row: &SqliteRow) -> StoreResult<Org> {
+    let default_project: Option<String> = row.try_get("default_project_id").map_err(map_err)?;
+    Ok(Org {
+        id: OrgId::from_trusted(row.try_get("id").map_err(map_err)?),
+        name: row.try_get("name").map_err(map_err)?,
+        tier: row.try_get("tier").map_err(map_err)?,
+        default_project_id: default_project.map(ProjectId::from_trusted),
+        created_at: Timestamp::from_millis(row.try_get("created_at").map_err(map_err)?),
+    })
+}
+
+fn audit_from_row(row: &SqliteRow) -> StoreResult<AuditEntry> {
+    let details: String = row.try_get("details").map_err(map_err)?;
+    Ok(AuditEntry {
+        id: AuditId::from_trusted(row.try_get("id").map_err(map_err)?),
+        org_id: OrgId::from_trusted(row.try_get("org_id").map_err(map_err)?),
+        actor: row.try_get("actor").map_err(map_err)?,
+        action: row.try_get("action").map_err(map_err)?,
+        target: row.try_get("target").map_err(map_err)?,
+        ip: row.try_get("ip").map_err(map_err)?,
+        details: from_json("details", &details)?,
+        created_at: Timestamp::from_millis(row.try_get("created_at").map_err(map_err)?),
+    })
+}
+
+/// Fetches `limit + 1` rows to learn whether another page follows.
+fn paginate<T>(mut items: Vec<T>, limit: u32, id_of: impl Fn(&T) -> String) -> Page<T> {
+    let limit = limit as usize;
+    let next_cursor = if items.len() > limit {
+        items.truncate(limit);
+        items.last().map(id_of)
+    } else {
+        None
+    };
+    Page { items, next_cursor }
+}
+
+const INSERT_AUDIT: &str = "INSERT INTO audit_log (id, org_id, actor, action, target, ip, details, created_at) \
+     VALUES (?, ?, ?, ?, ?, ?, ?, ?)";
+
+async fn insert_audit<'c, E>(executor: E, entry: &AuditEntry) -> StoreResult<()>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Sqlite>,
+{
+    sqlx::query(INSERT_AUDIT)
+        .bind(entry.id.as_str().to_owned())
+        .bind(entry.org_id.as_str().to_owned())
+        .bind(entry.actor.clone())
+        .bind(entry.action.clone())
+        .bind(entry.target.clone())
+        .bind(entry.ip.clone())
+        .bind(to_json(&entry.details)?)
+        .bind(entry.created_at.as_millis())
+        .execute(executor)
+        .await
+        .map_err(map_err)?;
+    Ok(())
+}
+
+const INSERT_KEY: &str = "INSERT INTO api_keys (id, org_id, project_id, name, environment, hint, scopes, \
+     expires_at, allowed_ips, blocked_ips, endpoint, quota_requests, quota_window, remaining, refill, \
+     meta, created_at, created_by, last_used_at, revoked_at, previous_valid_until) \
+     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+
+async fn insert_key<'c, E>(executor: E, key: &ApiKey) -> StoreResult<()>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Sqlite>,
+{
+    sqlx::query(INSERT_KEY)
+        .bind(key.id.as_str().to_owned())
+        .bind(key.org_id.as_str().to_owned())
+        .bind(key.project_id.as_str().to_owned())
+        .bind(key.name.clone())
+        .bind(key.environment.as_str())
+        .bind(key.hint.clone())
+        .bind(to_json(&key.scopes)?)
+        .bind(key.expires_at.map(Timestamp::as_millis))
+        .bind(ips_to_json(&key.allowed_ips)?)
+        .bind(ips_to_json(&key.blocked_ips)?)
+        .bind(key.endpoint.clone())
+        .bind(i64::from(key.quota_requests))
+        .bind(i64::from(key.quota_window))
+        .bind(key.remaining)
+        .bind(key.refill.as_ref().map(to_json).transpose()?)
+        .bind(to_json(&key.meta)?)
+        .bind(key.created_at.as_millis())
+        .bind(key.created_by.clone())
+        .bind(key.last_used_at.map(Timestamp::as_millis))
+        .bind(key.revoked_at.map(Timestamp::as_millis))
+        .bind(key.previous_valid_until.map(Timestamp::as_millis))
+        .execute(executor)
+        .await
+        .map_err(map_err)?;
+    Ok(())
+}
+
+async fn insert_secret<'c, E>(
+    executor: E,
+    hash: &KeyHash,
+    key_id: &KeyId,
+    now: Timestamp,
+) -> StoreResult<()>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Sqlite>,
+{
+    sqlx::query(
+        "INSERT INTO key_secrets (hash, key_id, valid_until, created_at) VALUES (?, ?, NULL, ?)",
+    )
+    .bind(hash.as_bytes().to_vec())
+    .bind(key_id.as_str().to_owned())
+    .bind(now.as_millis())
+    .execute(executor)
+    .await
+    .map_err(map_err)?;
+    Ok(())
+}
+
+async fn insert_project<'c, E>(executor: E, project: &Project) -> StoreResult<()>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Sqlite>,
+{
+    sqlx::query(
+        "INSERT INTO projects (id, org_id, slug, name, key_prefix, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+    )
+    .bind(project.id.as_str().to_owned())
+    .bind(project.org_id.as_str().to_owned())
+    .bind(project.slug.clone())
+    .bind(project.name.clone())
+    .bind(project.key_prefix.clone())
+    .bind(project.created_at.as_millis())
+    .execute(executor)
+    .await
+    .map_err(map_err)?;
+    Ok(())
+}
+
+const SELECT_KEY: &str = "SELECT * FROM api_keys WHERE org_id = ? AND id = ?";
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn migrate(&self) -> StoreResult<()> {
+        MIGRATOR
+            .run(&self.pool)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))
+    }
+
+    async fn bootstrap(&self, b: &Bootstrap) -> StoreResult<bool> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let inserted = sqlx::query(
+            "INSERT INTO orgs (id, name, tier, default_project_id, created_at) \
+             SELECT ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM orgs)",
+        )
+        .bind(b.org.id.as_str().to_owned())
+        .bind(b.org.name.clone())
+        .bind(b.org.tier.clone())
+        .bind(b.project.id.as_str().to_owned())
+        .bind(b.org.created_at.as_millis())
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?
+        .rows_affected();
+        if inserted == 0 {
+            tx.rollback().await.map_err(map_err)?;
+            return Ok(false);
+        }
+        insert_project(&mut *tx, &b.project).await?;
+        insert_key(&mut *tx, &b.key).await?;
+        insert_secret(&mut *tx, &b.key_hash, &b.key.id, b.key.created_at).await?;
+        insert_audit(&mut *tx, &b.audit).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(true)
+    }
+
+    async fn get_org(&self, id: &OrgId) -> StoreResult<Org> {
+        let row = sqlx::query("SELECT * FROM orgs WHERE id = ?")
+            .bind(id.as_str().to_owned())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map_err)?;
+        org_from_row(&row)
+    }
+
+    async fn first_org(&self) -> StoreResult<Option<Org>> {
+        let row = sqlx::query("SELECT * FROM orgs ORDER BY created_at, id LIMIT 1")
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(org_from_row).transpose()
+    }
+
+    async fn create_user(
+        &self,
+        user: &User,
+        membership: Option<(&OrgId, Role)>,
+        audit: &AuditEntry,
+    ) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        sqlx::query("INSERT INTO users (id, email, password_hash, created_at) VALUES (?, ?, ?, ?)")
+            .bind(user.id.as_str().to_owned())
+            .bind(user.email.clone())
+            .bind(user.password_hash.clone())
+            .bind(user.created_at.as_millis())
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        if let Some((org, role)) = membership {
+            sqlx::query(
+                "INSERT INTO memberships (org_id, user_id, role, created_at) VALUES (?, ?, ?, ?)",
+            )
+            .bind(org.as_str().to_owned())
+            .bind(user.id.as_str().to_owned())
+            .bind(role.as_str())
+            .bind(user.created_at.as_millis())
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        insert_audit(&mut *tx, audit).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn get_user(&self, id: &UserId) -> StoreResult<User> {
+        let row = sqlx::query("SELECT * FROM users WHERE id = ?")
+            .bind(id.as_str().to_owned())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(User {
+            id: UserId::from_trusted(row.try_get("id").map_err(map_err)?),
+            email: row.try_get("email").map_err(map_err)?,
+            password_hash: row.try_get("password_hash").map_err(map_err)?,
+            created_at: Timestamp::from_millis(row.try_get("created_at").map_err(map_err)?),
+        })
+    }
+
+    async fn create_project(&self, project: &Project, audit: &AuditEntry) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        insert_project(&mut *tx, project).await?;
+        insert_audit(&mut *tx, audit).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn get_project(&self, org: &OrgId, id_or_slug: &str) -> StoreResult<Project> {
+        let row = sqlx::query("SELECT * FROM projects WHERE org_id = ? AND (id = ? OR slug = ?)")
+            .bind(org.as_str().to_owned())
+            .bind(id_or_slug.to_owned())
+            .bind(id_or_slug.to_owned())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map_err)?;
+        project_from_row(&row)
+    }
+
+    async fn list_projects(&self, org: &OrgId, page: &PageRequest) -> StoreResult<Page<Project>> {
+        let rows = sqlx::query(
+            "SELECT * FROM projects WHERE org_id = ? AND (? IS NULL OR id < ?) ORDER BY id DESC LIMIT ?",
+        )
+        .bind(org.as_str().to_owned())
+        .bind(page.before.clone())
+        .bind(page.before.clone())
+        .bind(i64::from(page.limit) + 1)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let items = rows
+            .iter()
+            .map(project_from_row)
+            .collect::<StoreResult<Vec<_>>>()?;
+        Ok(paginate(items, page.limit, |p| p.id.to_string()))
+    }
+
+    async fn create_key(
+        &self,
+        key: &ApiKey,
+        hash: &KeyHash,
+        audit: &AuditEntry,
+    ) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        insert_key(&mut *tx, key).await?;
+        insert_secret(&mut *tx, hash, &key.id, key.created_at).await?;
+        insert_audit(&mut *tx, audit).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn get_key(&self, org: &OrgId, id: &KeyId) -> StoreResult<ApiKey> {
+        let row = sqlx::query(SELECT_KEY)
+            .bind(org.as_str().to_owned())
+            .bind(id.as_str().to_owned())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map_err)?;
+        key_from_row(&row)
+    }
+
+    async fn list_keys(
+        &self,
+        org: &OrgId,
+        filter: &KeyFilter,
+        page: &PageRequest,
+        now: Timestamp,
+    ) -> StoreResult<Page<ApiKey>> {
+        let rows = sqlx::query(
+            "SELECT * FROM api_keys WHERE org_id = ?1 \
+             AND (?2 IS NULL OR project_id = ?2) \
+             AND (?3 IS NULL OR id < ?3) \
+             AND (CASE ?4 \
+                    WHEN 'active' THEN revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?5) \
+                    WHEN 'revoked' THEN revoked_at IS NOT NULL \
+                    WHEN 'expired' THEN revoked_at IS NULL AND expires_at IS NOT NULL AND expires_at <= ?5 \
+                    ELSE 1 END) \
+             ORDER BY id DESC LIMIT ?6",
+        )
+        .bind(org.as_str().to_owned())
+        .bind(filter.project_id.as_ref().map(|p| p.as_str().to_owned()))
+        .bind(page.before.clone())
+        .bind(filter.state.map(KeyState::as_str))
+        .bind(now.as_millis())
+        .bind(i64::from(page.limit) + 1)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let items = rows
+            .iter()
+            .map(key_from_row)
+            .collect::<StoreResult<Vec<_>>>()?;
+        Ok(paginate(items, page.limit, |k| k.id.to_string()))
+    }
+
+    async fn update_key(&self, key: &ApiKey, audit: &AuditEntry) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let updated = sqlx::query(
+            "UPDATE api_keys SET name = ?, expires_at = ?, allowed_ips = ?, blocked_ips = ?, \
+             endpoint = ?, quota_requests = ?, quota_window = ?, remaining = ?, refill = ?, meta = ? \
+             WHERE org_id = ? AND id = ? AND revoked_at IS NULL",
+        )
+        .bind(key.name.clone())
+        .bind(key.expires_at.map(Timestamp::as_millis))
+        .bind(ips_to_json(&key.allowed_ips)?)
+        .bind(ips_to_json(&key.blocked_ips)?)
+        .bind(key.endpoint.clone())
+        .bind(i64::from(key.quota_requests))
+        .bind(i64::from(key.quota_window))
+        .bind(key.remaining)
+        .bind(key.refill.as_ref().map(to_json).transpose()?)
+        .bind(to_json(&key.meta)?)
+        .bind(key.org_id.as_str().to_owned())
+        .bind(key.id.as_str().to_owned())
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?
+        .rows_affected();
+        if updated == 0 {
+            tx.rollback().await.map_err(map_err)?;
+            self.get_key(&key.org_id, &key.id).await?;
+            return Err(StoreError::Conflict("the key is revoked".into()));
+        }
+        insert_audit(&mut *tx, audit).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn rotate_key(
+        &self,
+        org: &OrgId,
+        id: &KeyId,
+        rotation: &Rotation,
+        audit: &AuditEntry,
+    ) -> StoreResult<ApiKey> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let now = rotation.now.as_millis();
+        let until = rotation.previous_valid_until.as_millis();
+        let scopes = rotation.new_scopes.as_ref().map(to_json).transpose()?;
+        let updated = sqlx::query(
+            "UPDATE api_keys SET hint = ?, scopes = COALESCE(?, scopes), previous_valid_until = ? \
+             WHERE org_id = ? AND id = ? AND revoked_at IS NULL",
+        )
+        .bind(rotation.new_hint.clone())
+        .bind(scopes)
+        .bind(until)
+        .bind(org.as_str().to_owned())
+        .bind(id.as_str().to_owned())
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?
+        .rows_affected();
+        if updated == 0 {
+            tx.rollback().await.map_err(map_err)?;
+            self.get_key(org, id).await?;
+            return Err(StoreError::Conflict("the key is revoked".into()));
+        }
+        // At most two live secrets: an older one still in grace ends now.
+        sqlx::query(
+            "UPDATE key_secrets SET valid_until = ? \
+             WHERE key_id = ? AND valid_until IS NOT NULL AND valid_until > ?",
+        )
+        .bind(now)
+        .bind(id.as_str().to_owned())
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        sqlx::query(
+            "UPDATE key_secrets SET valid_until = ? WHERE key_id = ? AND valid_until IS NULL",
+        )
+        .bind(until)
+        .bind(id.as_str().to_owned())
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        insert_secret(&mut *tx, &rotation.new_hash, id, rotation.now).await?;
+        insert_audit(&mut *tx, audit).await?;
+        let row = sqlx::query(SELECT_KEY)
+            .bind(org.as_str().to_owned())
+            .bind(id.as_str().to_owned())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        let key = key_from_row(&row)?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(key)
+    }
+
+    async fn revoke_key(
+        &self,
+        org: &OrgId,
+        id: &KeyId,
+        now: Timestamp,
+        audit: &AuditEntry,
+    ) -> StoreResult<RevokeOutcome> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let updated = sqlx::query(
+            "UPDATE api_keys SET revoked_at = ? WHERE org_id = ? AND id = ? AND revoked_at IS NULL",
+        )
+        .bind(now.as_millis())
+        .bind(org.as_str().to_owned())
+        .bind(id.as_str().to_owned())
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?
+        .rows_affected();
+        if updated == 0 {
+            tx.rollback().await.map_err(map_err)?;
+            self.get_key(org, id).await?;
+            return Ok(RevokeOutcome::AlreadyRevoked);
+        }
+        insert_audit(&mut *tx, audit).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(RevokeOutcome::Revoked)
+    }
+
+    async fn find_by_hash(&self, hash: &KeyHash) -> StoreResult<Option<(ApiKey, SecretValidity)>> {
+        let row = sqlx::query(
+            "SELECT k.*, s.valid_until AS secret_valid_until FROM key_secrets s \
+             JOIN api_keys k ON k.id = s.key_id WHERE s.hash = ?",
+        )
+        .bind(hash.as_bytes().to_vec())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let Some(row) = row else { return Ok(None) };
+        let valid_until: Option<i64> = row.try_get("secret_valid_until").map_err(map_err)?;
+        Ok(Some((
+            key_from_row(&row)?,
+            SecretValidity {
+                valid_until: ts(valid_until),
+            },
+        )))
+    }
+
+    async fn revoke_leaked(
+        &self,
+        hashes: &[KeyHash],
+        now: Timestamp,
+        actor: &str,
+        ip: Option<&str>,
+    ) -> StoreResult<u64> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let mut revoked = 0;
+        for hash in hashes {
+            let row = sqlx::query(
+                "SELECT k.id, k.org_id FROM key_secrets s JOIN api_keys k ON k.id = s.key_id \
+                 WHERE s.hash = ?1 AND k.revoked_at IS NULL \
+                 AND (k.expires_at IS NULL OR k.expires_at > ?2) \
+                 AND (s.valid_until IS NULL OR s.valid_until > ?2)",
+            )
+            .bind(hash.as_bytes().to_vec())
+            .bind(now.as_millis())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_err)?;
+            let Some(row) = row else { continue };
+            let key_id: String = row.try_get("id").map_err(map_err)?;
+            let org_id: String = row.try_get("org_id").map_err(map_err)?;
+            let updated = sqlx::query(
+                "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+            )
+            .bind(now.as_millis())
+            .bind(key_id.clone())
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?
+            .rows_affected();
+            if updated == 0 {
+                continue;
+            }
+            revoked += 1;
+            let entry = AuditEntry {
+                id: AuditId::generate(),
+                org_id: OrgId::from_trusted(org_id),
+                actor: actor.to_owned(),
+                action: "key.revoked".into(),
+                target: Some(key_id),
+                ip: ip.map(str::to_owned),
+                details: serde_json::json!({"reason": "leaked"}),
+                created_at: now,
+            };
+            insert_audit(&mut *tx, &entry).await?;
+        }
+        tx.commit().await.map_err(map_err)?;
+        Ok(revoked)
+    }
+
+    async fn append_audit(&self, entry: &AuditEntry) -> StoreResult<()> {
+        insert_audit(&self.pool, entry).await
+    }
+
+    async fn list_audit(&self, org: &OrgId, page: &PageRequest) -> StoreResult<Page<AuditEntry>> {
+        let rows = sqlx::query(
+            "SELECT * FROM audit_log WHERE org_id = ? AND (? IS NULL OR id < ?) ORDER BY id DESC LIMIT ?",
+        )
+        .bind(org.as_str().to_owned())
+        .bind(page.before.clone())
+        .bind(page.before.clone())
+        .bind(i64::from(page.limit) + 1)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let items = rows
+            .iter()
+            .map(audit_from_row)
+            .collect::<StoreResult<Vec<_>>>()?;
+        Ok(paginate(items, page.limit, |a| a.id.to_string()))
+    }
+}
