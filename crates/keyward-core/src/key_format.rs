@@ -130,6 +130,13 @@ impl PrefixTemplate {
     }
 }
 
+impl Default for PrefixTemplate {
+    /// `kw_{env}_`, the format of DESIGN.md.
+    fn default() -> Self {
+        Self("kw_{env}_".to_owned())
+    }
+}
+
 impl fmt::Debug for PrefixTemplate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "PrefixTemplate({:?})", self.0)
@@ -155,6 +162,11 @@ pub fn validate_slug(slug: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Fills `buf` from the OS CSPRNG.
+pub fn fill_random(buf: &mut [u8]) -> Result<(), FormatError> {
+    getrandom::fill(buf).map_err(|_| FormatError::Random)
+}
+
 /// Generates a new secret: `prefix` + random + checksum.
 pub fn generate(prefix: &str, format: KeyFormat) -> Result<SecretString, FormatError> {
     if !(MIN_RANDOM_LENGTH..=MAX_RANDOM_LENGTH).contains(&format.random_length) {
@@ -167,7 +179,7 @@ pub fn generate(prefix: &str, format: KeyFormat) -> Result<SecretString, FormatE
     let mut pool = [0u8; 64];
     let mut produced = 0;
     while produced < format.random_length {
-        getrandom::fill(&mut pool).map_err(|_| FormatError::Random)?;
+        fill_random(&mut pool)?;
         for &byte in &pool {
             // 248 = 4 × 62: rejecting the top 8 values keeps every character equally likely.
             if byte < 248 && produced < format.random_length {
