@@ -26,9 +26,8 @@ pub fn extract_credential(headers: &HeaderMap) -> ApiResult<&[u8]> {
     let mut found = None;
     for value in headers.get_all(header::AUTHORIZATION) {
         let bytes = value.as_bytes();
-        let Some(scheme_end) = bytes.iter().position(|&b| b == b' ') else {
-            continue;
-        };
+        // `Bearer` with nothing after it is a malformed credential, not a missing one.
+        let scheme_end = bytes.iter().position(|&b| b == b' ').unwrap_or(bytes.len());
         if bytes[..scheme_end].eq_ignore_ascii_case(b"bearer") {
             merge(&mut found, trim_spaces(&bytes[scheme_end..]))?;
         }
@@ -142,7 +141,10 @@ mod tests {
         let h = headers(&[("authorization", "Bearer abc"), ("x-api-key", "abc")]);
         assert_eq!(extract_credential(&h).ok(), Some(&b"abc"[..]));
         // Other schemes are someone else's business.
-        let h = headers(&[("authorization", "Basic dXNlcjpwYXNz"), ("x-api-key", "abc")]);
+        let h = headers(&[
+            ("authorization", "Basic dXNlcjpwYXNz"),
+            ("x-api-key", "abc"),
+        ]);
         assert_eq!(extract_credential(&h).ok(), Some(&b"abc"[..]));
     }
 
@@ -154,7 +156,10 @@ mod tests {
             Some(ErrorCode::MissingCredentials)
         );
         assert_eq!(
-            code(&headers(&[("authorization", "Bearer a"), ("x-api-key", "b")])),
+            code(&headers(&[
+                ("authorization", "Bearer a"),
+                ("x-api-key", "b")
+            ])),
             Some(ErrorCode::AmbiguousCredentials)
         );
         assert_eq!(

@@ -29,8 +29,13 @@ pub async fn ensure_bootstrapped(state: &AppState) -> ApiResult<Option<(ApiKey, 
         key_prefix: state.config.keys.prefix.as_str().to_owned(),
         created_at: now,
     };
-    let prefix = state.config.keys.prefix.render(Environment::Live, &project.slug);
-    let secret = key_format::generate(&prefix, state.config.keys.format).map_err(ApiError::internal)?;
+    let prefix = state
+        .config
+        .keys
+        .prefix
+        .render(Environment::Live, &project.slug);
+    let secret =
+        key_format::generate(&prefix, state.config.keys.format).map_err(ApiError::internal)?;
     let key = ApiKey {
         id: KeyId::generate(),
         org_id: org_id.clone(),

@@ -155,21 +155,6 @@ impl Config {
     }
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        match build(&Figment::new()) {
-            Ok(config) => config,
-            // The defaults are valid by construction; `defaults_are_valid` tests it.
-            Err(_) => unreachable_defaults(),
-        }
-    }
-}
-
-#[expect(clippy::panic, reason = "built-in defaults are covered by a unit test")]
-fn unreachable_defaults() -> Config {
-    panic!("built-in configuration defaults are invalid")
-}
-
 /// One problem with one configuration key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -226,11 +211,7 @@ pub fn load(explicit_file: Option<&Path>) -> Result<Config, ConfigErrors> {
     if let Some(file) = file {
         figment = figment.merge(Toml::file_exact(file));
     }
-    let figment = figment.merge(
-        Env::prefixed("KEYWARD_")
-            .ignore(NON_CONFIG_ENV)
-            .split("__"),
-    );
+    let figment = figment.merge(Env::prefixed("KEYWARD_").ignore(NON_CONFIG_ENV).split("__"));
     build(&figment)
 }
 
@@ -311,9 +292,27 @@ fn collect_leaves(prefix: &str, dict: &Dict, out: &mut Vec<String>) {
 
 fn default_tiers() -> BTreeMap<String, Tier> {
     BTreeMap::from([
-        ("free".to_owned(), Tier { per_minute: 60, per_hour: 1_000 }),
-        ("pro".to_owned(), Tier { per_minute: 120, per_hour: 5_000 }),
-        ("enterprise".to_owned(), Tier { per_minute: 300, per_hour: 20_000 }),
+        (
+            "free".to_owned(),
+            Tier {
+                per_minute: 60,
+                per_hour: 1_000,
+            },
+        ),
+        (
+            "pro".to_owned(),
+            Tier {
+                per_minute: 120,
+                per_hour: 5_000,
+            },
+        ),
+        (
+            "enterprise".to_owned(),
+            Tier {
+                per_minute: 300,
+                per_hour: 20_000,
+            },
+        ),
     ])
 }
 
@@ -342,8 +341,13 @@ fn addr(r: &mut Reader<'_>, path: &str, default: &str) -> SocketAddr {
     match raw.parse() {
         Ok(a) => a,
         Err(_) => {
-            r.fail(path, format!("`{raw}` is not a socket address like 127.0.0.1:8080"));
-            default.parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)))
+            r.fail(
+                path,
+                format!("`{raw}` is not a socket address like 127.0.0.1:8080"),
+            );
+            default
+                .parse()
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)))
         }
     }
 }
@@ -382,7 +386,10 @@ fn build(figment: &Figment) -> Result<Config, ConfigErrors> {
     }
     let public_origin: String = r.get("server.public_origin", "http://localhost:8080".to_owned());
     if !(public_origin.starts_with("http://") || public_origin.starts_with("https://")) {
-        r.fail("server.public_origin", "must start with http:// or https://");
+        r.fail(
+            "server.public_origin",
+            "must start with http:// or https://",
+        );
     }
     let workers: usize = r.get("server.workers", 0);
     if workers > 256 {
@@ -444,14 +451,20 @@ fn build(figment: &Figment) -> Result<Config, ConfigErrors> {
             .as_deref()
             .is_some_and(|u| u.starts_with("redis://") || u.starts_with("rediss://"))
     {
-        r.fail("ratelimit.url", "the redis backend needs url = \"redis://…\"");
+        r.fail(
+            "ratelimit.url",
+            "the redis backend needs url = \"redis://…\"",
+        );
     }
     let on_backend_error = r.get("ratelimit.on_backend_error", OnBackendError::Local);
     let draft_headers = r.get("ratelimit.draft_headers", false);
     let tiers: BTreeMap<String, Tier> = r.get("ratelimit.tiers", default_tiers());
     for (name, tier) in &tiers {
         if tier.per_minute == 0 || tier.per_hour == 0 {
-            r.fail(&format!("ratelimit.tiers.{name}"), "limits must be at least 1");
+            r.fail(
+                &format!("ratelimit.tiers.{name}"),
+                "limits must be at least 1",
+            );
         }
     }
 
@@ -582,7 +595,10 @@ mod tests {
             "ratelimit.url",
             "errors.codes.no_such_code",
         ] {
-            assert!(paths.contains(&expected), "{expected} missing from {paths:?}");
+            assert!(
+                paths.contains(&expected),
+                "{expected} missing from {paths:?}"
+            );
         }
         assert_eq!(paths.len(), 8, "{paths:?}");
     }

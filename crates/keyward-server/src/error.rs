@@ -202,7 +202,9 @@ impl ErrorRenderer {
             }),
         };
         // Serialising plain strings and numbers cannot fail; keep a valid envelope regardless.
-        body.unwrap_or_else(|_| String::from(r#"{"error":{"type":"api_error","code":"internal_error"}}"#))
+        body.unwrap_or_else(|_| {
+            String::from(r#"{"error":{"type":"api_error","code":"internal_error"}}"#)
+        })
     }
 
     pub fn render(&self, error: &ApiError, request_id: &RequestId) -> Response {
@@ -220,7 +222,10 @@ impl ErrorRenderer {
             } else {
                 "Bearer realm=\"keyward\", error=\"invalid_token\""
             };
-            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(challenge),
+            );
         }
         if let Some(secs) = error.retry_after {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));

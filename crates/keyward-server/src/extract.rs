@@ -65,7 +65,8 @@ where
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(json_error)?;
-    de.end().map_err(|_| ApiError::new(ErrorCode::InvalidJson))?;
+    de.end()
+        .map_err(|_| ApiError::new(ErrorCode::InvalidJson))?;
     Ok(value)
 }
 
@@ -100,7 +101,11 @@ fn json_error(error: serde_path_to_error::Error<serde_json::Error>) -> ApiError 
                     .split_once("expected ")
                     .map(|(_, e)| e.split(" at line").next().unwrap_or(e).to_owned());
                 let message = match (&expected, text.starts_with("missing field")) {
-                    (_, true) => text.split(" at line").next().unwrap_or("missing field").to_owned(),
+                    (_, true) => text
+                        .split(" at line")
+                        .next()
+                        .unwrap_or("missing field")
+                        .to_owned(),
                     (Some(e), _) => format!("`{path}` has the wrong type: expected {e}."),
                     (None, _) => format!("`{path}` is invalid."),
                 };
@@ -169,14 +174,18 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet]) ->
     }
     let mut hops: Vec<IpAddr> = Vec::new();
     for value in headers.get_all(header::FORWARDED) {
-        let Ok(text) = value.to_str() else { return peer };
+        let Ok(text) = value.to_str() else {
+            return peer;
+        };
         for element in text.split(',') {
             for pair in element.split(';') {
                 if let Some((name, v)) = pair.trim().split_once('=')
                     && name.trim().eq_ignore_ascii_case("for")
                 {
                     let v = v.trim().trim_matches('"');
-                    let v = v.strip_prefix('[').map_or(v, |s| s.split(']').next().unwrap_or(s));
+                    let v = v
+                        .strip_prefix('[')
+                        .map_or(v, |s| s.split(']').next().unwrap_or(s));
                     let v = if v.matches(':').count() == 1 {
                         v.split(':').next().unwrap_or(v)
                     } else {
@@ -192,7 +201,9 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet]) ->
     }
     if hops.is_empty() {
         for value in headers.get_all("x-forwarded-for") {
-            let Ok(text) = value.to_str() else { return peer };
+            let Ok(text) = value.to_str() else {
+                return peer;
+            };
             for part in text.split(',') {
                 match part.trim().parse() {
                     Ok(ip) => hops.push(keyward_core::ip::canonical(ip)),
@@ -227,12 +238,24 @@ mod tests {
         let stranger: IpAddr = "192.0.2.9".parse().unwrap();
         let xff = headers(&[("x-forwarded-for", "198.51.100.7, 10.0.0.2")]);
         assert_eq!(client_ip(stranger, &xff, &trusted), stranger);
-        assert_eq!(client_ip(proxy, &xff, &trusted), "198.51.100.7".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            client_ip(proxy, &xff, &trusted),
+            "198.51.100.7".parse::<IpAddr>().unwrap()
+        );
         // A client cannot pick its address by prepending to the header.
         let spoof = headers(&[("x-forwarded-for", "1.1.1.1, 198.51.100.7")]);
-        assert_eq!(client_ip(proxy, &spoof, &trusted), "198.51.100.7".parse::<IpAddr>().unwrap());
-        let fwd = headers(&[("forwarded", "for=\"[2001:db8::1]:4711\";proto=https, for=10.0.0.3")]);
-        assert_eq!(client_ip(proxy, &fwd, &trusted), "2001:db8::1".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            client_ip(proxy, &spoof, &trusted),
+            "198.51.100.7".parse::<IpAddr>().unwrap()
+        );
+        let fwd = headers(&[(
+            "forwarded",
+            "for=\"[2001:db8::1]:4711\";proto=https, for=10.0.0.3",
+        )]);
+        assert_eq!(
+            client_ip(proxy, &fwd, &trusted),
+            "2001:db8::1".parse::<IpAddr>().unwrap()
+        );
         let garbage = headers(&[("x-forwarded-for", "not-an-ip")]);
         assert_eq!(client_ip(proxy, &garbage, &trusted), proxy);
     }

@@ -42,7 +42,10 @@ pub fn app(state: AppState) -> Router {
 /// The internal listener: health and readiness (metrics come with the data plane).
 pub fn internal_app(state: AppState) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }))
+        .route(
+            "/healthz",
+            get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
+        )
         .route("/readyz", get(readyz))
         .fallback(|| async { ApiError::new(ErrorCode::NotFound) })
         .layer(axum::middleware::from_fn_with_state(

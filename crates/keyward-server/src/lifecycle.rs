@@ -38,7 +38,13 @@ pub struct Actor {
 }
 
 impl Actor {
-    fn audit(&self, action: &str, target: Option<String>, details: Value, now: Timestamp) -> AuditEntry {
+    fn audit(
+        &self,
+        action: &str,
+        target: Option<String>,
+        details: Value,
+        now: Timestamp,
+    ) -> AuditEntry {
         AuditEntry {
             id: AuditId::generate(),
             org_id: self.org_id.clone(),
@@ -182,7 +188,10 @@ fn validate_expiry(raw: &str, now: Timestamp) -> ApiResult<Timestamp> {
         )
     })?;
     if at <= now {
-        return Err(ApiError::validation("expires_at", "`expires_at` must lie in the future."));
+        return Err(ApiError::validation(
+            "expires_at",
+            "`expires_at` must lie in the future.",
+        ));
     }
     Ok(at)
 }
@@ -215,7 +224,10 @@ fn validate_quota(requests: u32, window: u32) -> ApiResult<()> {
 
 fn validate_credits(remaining: Option<i64>, refill: Option<&Refill>) -> ApiResult<()> {
     if remaining.is_some_and(|r| r < 0) {
-        return Err(ApiError::validation("remaining", "`remaining` must not be negative."));
+        return Err(ApiError::validation(
+            "remaining",
+            "`remaining` must not be negative.",
+        ));
     }
     if let Some(refill) = refill {
         if remaining.is_none() {
@@ -225,7 +237,10 @@ fn validate_credits(remaining: Option<i64>, refill: Option<&Refill>) -> ApiResul
             ));
         }
         if refill.amount < 1 {
-            return Err(ApiError::validation("refill.amount", "`refill.amount` must be at least 1."));
+            return Err(ApiError::validation(
+                "refill.amount",
+                "`refill.amount` must be at least 1.",
+            ));
         }
         if matches!(refill.interval, RefillInterval::Seconds(0)) {
             return Err(ApiError::validation(
@@ -238,7 +253,9 @@ fn validate_credits(remaining: Option<i64>, refill: Option<&Refill>) -> ApiResul
 }
 
 fn validate_meta(meta: Map<String, Value>) -> ApiResult<Map<String, Value>> {
-    let size = serde_json::to_vec(&meta).map(|v| v.len()).unwrap_or(usize::MAX);
+    let size = serde_json::to_vec(&meta)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX);
     if size > MAX_META_BYTES {
         return Err(ApiError::validation(
             "meta",
@@ -248,44 +265,87 @@ fn validate_meta(meta: Map<String, Value>) -> ApiResult<Map<String, Value>> {
     Ok(meta)
 }
 
-fn new_secret(state: &AppState, project: &Project, env: Environment) -> ApiResult<(SecretString, String)> {
+fn new_secret(
+    state: &AppState,
+    project: &Project,
+    env: Environment,
+) -> ApiResult<(SecretString, String)> {
     let template = PrefixTemplate::parse(&project.key_prefix).map_err(ApiError::internal)?;
     let prefix = template.render(env, &project.slug);
-    let secret = key_format::generate(&prefix, state.config.keys.format).map_err(ApiError::internal)?;
+    let secret =
+        key_format::generate(&prefix, state.config.keys.format).map_err(ApiError::internal)?;
     let hint = key_format::hint(&prefix, &secret);
     Ok((secret, hint))
 }
 
-async fn resolve_project(state: &AppState, org: &OrgId, reference: Option<&str>) -> ApiResult<Project> {
+async fn resolve_project(
+    state: &AppState,
+    org: &OrgId,
+    reference: Option<&str>,
+) -> ApiResult<Project> {
     let reference = match reference {
         Some(r) => r.to_owned(),
         None => {
             let org = state.store.get_org(org).await?;
             org.default_project_id
                 .map(ProjectId::into_string)
-                .ok_or_else(|| ApiError::validation("project", "Name a `project`: this organisation has no default project."))?
+                .ok_or_else(|| {
+                    ApiError::validation(
+                        "project",
+                        "Name a `project`: this organisation has no default project.",
+                    )
+                })?
         }
     };
     match state.store.get_project(org, &reference).await {
-        Err(StoreError::NotFound) => Err(ApiError::validation("project", "`project` names no project of this organisation.")),
+        Err(StoreError::NotFound) => Err(ApiError::validation(
+            "project",
+            "`project` names no project of this organisation.",
+        )),
         other => Ok(other?),
     }
 }
 
 /// Creates a key; the secret is in the answer and nowhere else.
-pub async fn create_key(state: &AppState, actor: &Actor, input: CreateKeyInput) -> ApiResult<(ApiKey, SecretString)> {
+pub async fn create_key(
+    state: &AppState,
+    actor: &Actor,
+    input: CreateKeyInput,
+) -> ApiResult<(ApiKey, SecretString)> {
     let now = state.clock.now();
     let name = validate_name(input.name.as_deref().unwrap_or(""))?;
     let environment = match input.environment.as_deref() {
         None => Environment::Live,
-        Some(raw) => Environment::parse(raw)
-            .ok_or_else(|| ApiError::validation("environment", "`environment` is `live` or `test`."))?,
+        Some(raw) => Environment::parse(raw).ok_or_else(|| {
+            ApiError::validation("environment", "`environment` is `live` or `test`.")
+        })?,
     };
-    let scopes = validate_scopes(state, "scopes", input.scopes.as_deref().unwrap_or(&state.config.keys.default_scopes))?;
-    let expires_at = input.expires_at.as_deref().map(|raw| validate_expiry(raw, now)).transpose()?;
-    let allowed_ips = validate_ips("allowed_ips", input.allowed_ips.as_deref().unwrap_or_default())?;
-    let blocked_ips = validate_ips("blocked_ips", input.blocked_ips.as_deref().unwrap_or_default())?;
-    let endpoint = input.endpoint.as_deref().map(|e| validate_endpoint(state, e)).transpose()?;
+    let scopes = validate_scopes(
+        state,
+        "scopes",
+        input
+            .scopes
+            .as_deref()
+            .unwrap_or(&state.config.keys.default_scopes),
+    )?;
+    let expires_at = input
+        .expires_at
+        .as_deref()
+        .map(|raw| validate_expiry(raw, now))
+        .transpose()?;
+    let allowed_ips = validate_ips(
+        "allowed_ips",
+        input.allowed_ips.as_deref().unwrap_or_default(),
+    )?;
+    let blocked_ips = validate_ips(
+        "blocked_ips",
+        input.blocked_ips.as_deref().unwrap_or_default(),
+    )?;
+    let endpoint = input
+        .endpoint
+        .as_deref()
+        .map(|e| validate_endpoint(state, e))
+        .transpose()?;
     let quota_requests = input.quota_requests.unwrap_or(key::DEFAULT_QUOTA_REQUESTS);
     let quota_window = input.quota_window.unwrap_or(key::DEFAULT_QUOTA_WINDOW);
     validate_quota(quota_requests, quota_window)?;
@@ -323,7 +383,10 @@ pub async fn create_key(state: &AppState, actor: &Actor, input: CreateKeyInput) 
         json!({"project": project.id, "name": key.name, "scopes": key.scopes, "environment": environment.as_str()}),
         now,
     );
-    state.store.create_key(&key, &KeyHash::of_secret(&secret), &audit).await?;
+    state
+        .store
+        .create_key(&key, &KeyHash::of_secret(&secret), &audit)
+        .await?;
     Ok((key, secret))
 }
 
@@ -340,10 +403,16 @@ pub async fn get_key(state: &AppState, org: &OrgId, raw_id: &str) -> ApiResult<A
 }
 
 fn revoked_conflict() -> ApiError {
-    ApiError::new(ErrorCode::InvalidState).with_message("The key is revoked; a revoked key cannot be changed.")
+    ApiError::new(ErrorCode::InvalidState)
+        .with_message("The key is revoked; a revoked key cannot be changed.")
 }
 
-pub async fn update_key(state: &AppState, actor: &Actor, raw_id: &str, input: UpdateKeyInput) -> ApiResult<ApiKey> {
+pub async fn update_key(
+    state: &AppState,
+    actor: &Actor,
+    raw_id: &str,
+    input: UpdateKeyInput,
+) -> ApiResult<ApiKey> {
     if input.scopes.is_some() {
         return Err(ApiError::new(ErrorCode::ScopesImmutable).with_param("scopes"));
     }
@@ -358,7 +427,10 @@ pub async fn update_key(state: &AppState, actor: &Actor, raw_id: &str, input: Up
         changed.push("name");
     }
     if let Some(expires_at) = input.expires_at {
-        key.expires_at = expires_at.as_deref().map(|raw| validate_expiry(raw, now)).transpose()?;
+        key.expires_at = expires_at
+            .as_deref()
+            .map(|raw| validate_expiry(raw, now))
+            .transpose()?;
         changed.push("expires_at");
     }
     if let Some(rules) = input.allowed_ips {
@@ -370,7 +442,10 @@ pub async fn update_key(state: &AppState, actor: &Actor, raw_id: &str, input: Up
         changed.push("blocked_ips");
     }
     if let Some(endpoint) = input.endpoint {
-        key.endpoint = endpoint.as_deref().map(|e| validate_endpoint(state, e)).transpose()?;
+        key.endpoint = endpoint
+            .as_deref()
+            .map(|e| validate_endpoint(state, e))
+            .transpose()?;
         changed.push("endpoint");
     }
     if let Some(requests) = input.quota_requests {
@@ -398,7 +473,12 @@ pub async fn update_key(state: &AppState, actor: &Actor, raw_id: &str, input: Up
     if changed.is_empty() {
         return Ok(key);
     }
-    let audit = actor.audit("key.updated", Some(key.id.to_string()), json!({"fields": changed}), now);
+    let audit = actor.audit(
+        "key.updated",
+        Some(key.id.to_string()),
+        json!({"fields": changed}),
+        now,
+    );
     match state.store.update_key(&key, &audit).await {
         Err(StoreError::Conflict(_)) => Err(revoked_conflict()),
         other => other.map_err(ApiError::from),
@@ -406,7 +486,12 @@ pub async fn update_key(state: &AppState, actor: &Actor, raw_id: &str, input: Up
     Ok(key)
 }
 
-pub async fn rotate_key(state: &AppState, actor: &Actor, raw_id: &str, input: RotateKeyInput) -> ApiResult<(ApiKey, SecretString)> {
+pub async fn rotate_key(
+    state: &AppState,
+    actor: &Actor,
+    raw_id: &str,
+    input: RotateKeyInput,
+) -> ApiResult<(ApiKey, SecretString)> {
     let now = state.clock.now();
     let grace = input.grace_seconds.unwrap_or(DEFAULT_GRACE_SECONDS);
     if !(0..=MAX_GRACE_SECONDS).contains(&grace) {
@@ -415,7 +500,11 @@ pub async fn rotate_key(state: &AppState, actor: &Actor, raw_id: &str, input: Ro
             format!("`grace_seconds` must be between 0 and {MAX_GRACE_SECONDS}."),
         ));
     }
-    let new_scopes = input.scopes.as_deref().map(|s| validate_scopes(state, "scopes", s)).transpose()?;
+    let new_scopes = input
+        .scopes
+        .as_deref()
+        .map(|s| validate_scopes(state, "scopes", s))
+        .transpose()?;
     let key = get_key(state, &actor.org_id, raw_id).await?;
     match key.state(now) {
         KeyState::Revoked => return Err(revoked_conflict()),
@@ -425,7 +514,10 @@ pub async fn rotate_key(state: &AppState, actor: &Actor, raw_id: &str, input: Ro
         }
         KeyState::Active => {}
     }
-    let project = state.store.get_project(&actor.org_id, key.project_id.as_str()).await?;
+    let project = state
+        .store
+        .get_project(&actor.org_id, key.project_id.as_str())
+        .await?;
     let (secret, hint) = new_secret(state, &project, key.environment)?;
     let rotation = Rotation {
         new_hash: KeyHash::of_secret(&secret),
@@ -440,7 +532,11 @@ pub async fn rotate_key(state: &AppState, actor: &Actor, raw_id: &str, input: Ro
         json!({"grace_seconds": grace, "scopes": new_scopes}),
         now,
     );
-    let rotated = match state.store.rotate_key(&actor.org_id, &key.id, &rotation, &audit).await {
+    let rotated = match state
+        .store
+        .rotate_key(&actor.org_id, &key.id, &rotation, &audit)
+        .await
+    {
         Err(StoreError::Conflict(_)) => Err(revoked_conflict()),
         other => other.map_err(ApiError::from),
     }?;
@@ -452,7 +548,11 @@ pub async fn revoke_key(state: &AppState, actor: &Actor, raw_id: &str) -> ApiRes
     let now = state.clock.now();
     let id = parse_key_id(raw_id)?;
     let audit = actor.audit("key.revoked", Some(id.to_string()), json!({}), now);
-    match state.store.revoke_key(&actor.org_id, &id, now, &audit).await {
+    match state
+        .store
+        .revoke_key(&actor.org_id, &id, now, &audit)
+        .await
+    {
         Err(StoreError::NotFound) => Err(ApiError::not_found("key")),
         other => Ok(other?),
     }
@@ -474,7 +574,10 @@ pub async fn report_leaked(state: &AppState, actor: &Actor, secrets: &[String]) 
         .map(KeyHash::of)
         .collect();
     let ip = actor.ip.map(|ip| ip.to_string());
-    let matched = state.store.revoke_leaked(&hashes, now, &actor.id, ip.as_deref()).await?;
+    let matched = state
+        .store
+        .revoke_leaked(&hashes, now, &actor.id, ip.as_deref())
+        .await?;
     let audit = actor.audit(
         "leak_report.received",
         None,
@@ -485,9 +588,14 @@ pub async fn report_leaked(state: &AppState, actor: &Actor, secrets: &[String]) 
     Ok(matched)
 }
 
-pub async fn create_project(state: &AppState, actor: &Actor, input: CreateProjectInput) -> ApiResult<Project> {
+pub async fn create_project(
+    state: &AppState,
+    actor: &Actor,
+    input: CreateProjectInput,
+) -> ApiResult<Project> {
     let now = state.clock.now();
-    key_format::validate_slug(&input.slug).map_err(|m| ApiError::validation("slug", format!("`slug`: {m}.")))?;
+    key_format::validate_slug(&input.slug)
+        .map_err(|m| ApiError::validation("slug", format!("`slug`: {m}.")))?;
     let name = validate_name(input.name.as_deref().unwrap_or(&input.slug))?;
     let key_prefix = match input.key_prefix {
         Some(raw) => PrefixTemplate::parse(&raw)

@@ -19,7 +19,11 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 #[derive(Debug, Clone, Copy)]
 pub struct Passthrough;
 
-pub async fn request_context(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+pub async fn request_context(
+    State(state): State<AppState>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let started = Instant::now();
     let request_id = RequestId::generate();
     req.extensions_mut().insert(request_id.clone());
@@ -30,7 +34,8 @@ pub async fn request_context(State(state): State<AppState>, mut req: Request, ne
 
     let error = response.extensions_mut().remove::<ApiError>().or_else(|| {
         let status = response.status();
-        let foreign = status.as_u16() >= 400 && response.extensions().get::<Passthrough>().is_none();
+        let foreign =
+            status.as_u16() >= 400 && response.extensions().get::<Passthrough>().is_none();
         foreign.then(|| ApiError::new(code_for_status(status)))
     });
     let code = error.as_ref().map(|e| e.code.as_str());
@@ -41,7 +46,8 @@ pub async fn request_context(State(state): State<AppState>, mut req: Request, ne
         let original_headers = std::mem::take(response.headers_mut());
         response = state.errors.render(error, &request_id);
         for (name, value) in original_headers.iter() {
-            if !response.headers().contains_key(name) && name != axum::http::header::CONTENT_LENGTH {
+            if !response.headers().contains_key(name) && name != axum::http::header::CONTENT_LENGTH
+            {
                 response.headers_mut().insert(name.clone(), value.clone());
             }
         }

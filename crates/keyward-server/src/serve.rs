@@ -69,21 +69,32 @@ async fn termination_signal() {
     }
 }
 
-async fn serve_on(listener: tokio::net::TcpListener, app: Router, stop: watch::Receiver<bool>) -> std::io::Result<()> {
+async fn serve_on(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown_requested(stop))
-        .await
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown_requested(stop))
+    .await
 }
 
 /// `keyward serve`: open and migrate the store, bootstrap an empty one, serve until SIGTERM
 /// or SIGINT, then drain connections and return.
 pub fn run(config: Config) -> Result<(), BoxError> {
-    let main_rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let main_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let workers = match config.server.workers {
-        0 => thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        0 => thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
         n => n,
     };
     let state = main_rt.block_on(async {
@@ -117,7 +128,9 @@ pub fn run(config: Config) -> Result<(), BoxError> {
         let handle = thread::Builder::new()
             .name(format!("keyward-worker-{i}"))
             .spawn(move || -> std::io::Result<()> {
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
                 rt.block_on(async move {
                     let listener = tokio::net::TcpListener::from_std(listener)?;
                     serve_on(listener, app, stop).await
@@ -128,7 +141,11 @@ pub fn run(config: Config) -> Result<(), BoxError> {
 
     main_rt.block_on(async {
         let internal = tokio::net::TcpListener::from_std(internal)?;
-        let internal_server = tokio::spawn(serve_on(internal, internal_app(state.clone()), stop_rx.clone()));
+        let internal_server = tokio::spawn(serve_on(
+            internal,
+            internal_app(state.clone()),
+            stop_rx.clone(),
+        ));
         termination_signal().await;
         tracing::info!("shutting down: draining connections");
         let _ = stop_tx.send(true);

@@ -19,11 +19,17 @@ fn validate_email(email: &str) -> ApiResult<String> {
     let email = email.trim();
     let valid = email.len() <= 254
         && email.split_once('@').is_some_and(|(local, domain)| {
-            !local.is_empty() && domain.contains('.') && !domain.starts_with('.') && !domain.ends_with('.')
+            !local.is_empty()
+                && domain.contains('.')
+                && !domain.starts_with('.')
+                && !domain.ends_with('.')
         })
         && !email.chars().any(|c| c.is_whitespace() || c.is_control());
     if !valid {
-        return Err(ApiError::validation("email", "`email` is not a valid address."));
+        return Err(ApiError::validation(
+            "email",
+            "`email` is not a valid address.",
+        ));
     }
     Ok(email.to_owned())
 }
@@ -69,7 +75,11 @@ pub async fn create_user(
         details: json!({"email": user.email, "role": role.as_str()}),
         created_at: now,
     };
-    match state.store.create_user(&user, Some((&actor.org_id, role)), &audit).await {
+    match state
+        .store
+        .create_user(&user, Some((&actor.org_id, role)), &audit)
+        .await
+    {
         Err(StoreError::Conflict(_)) => Err(ApiError::new(ErrorCode::AlreadyExists)
             .with_param("email")
             .with_message("A user with this email already exists.")),

@@ -255,7 +255,10 @@ mod tests {
 
     #[test]
     fn urls_are_redacted() {
-        assert_eq!(redact_url("postgres://kw:pw@db/kw"), "postgres://kw:***@db/kw");
+        assert_eq!(
+            redact_url("postgres://kw:pw@db/kw"),
+            "postgres://kw:***@db/kw"
+        );
         assert_eq!(redact_url("sqlite://a/b.db"), "sqlite://a/b.db");
     }
 }

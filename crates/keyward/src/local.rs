@@ -4,9 +4,9 @@
 use std::io::{BufRead, IsTerminal};
 use std::sync::Arc;
 
+use keyward_core::SystemClock;
 use keyward_core::ids::KeyId;
 use keyward_core::key::{ApiKey, KeyState};
-use keyward_core::SystemClock;
 use keyward_server::api::views::{KeyView, ListView, ProjectView};
 use keyward_server::bootstrap;
 use keyward_server::config::Config;
@@ -20,7 +20,9 @@ use secrecy::{ExposeSecret, SecretString};
 use crate::cli::{Command, KeysCommand, ProjectsCommand, UsersCommand};
 
 pub fn run(config: Config, command: Command) -> Result<(), BoxError> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let store = keyward_store::open(&config.store_url).await?;
         store.migrate().await?;
@@ -75,14 +77,22 @@ fn print_key(key: &ApiKey, now: keyward_core::Timestamp) {
     }
 }
 
-fn print_secret(key: &ApiKey, secret: &SecretString, json: bool, now: keyward_core::Timestamp) -> Result<(), BoxError> {
+fn print_secret(
+    key: &ApiKey,
+    secret: &SecretString,
+    json: bool,
+    now: keyward_core::Timestamp,
+) -> Result<(), BoxError> {
     if json {
         let mut view = KeyView::new(key, now);
         view.key = Some(secret.expose_secret());
         return print_json(&view);
     }
     print_key(key, now);
-    println!("\nThe secret, shown only this once:\n{}", secret.expose_secret());
+    println!(
+        "\nThe secret, shown only this once:\n{}",
+        secret.expose_secret()
+    );
     Ok(())
 }
 
@@ -108,7 +118,12 @@ async fn keys(state: &AppState, actor: &Actor, cmd: KeysCommand) -> Result<(), B
             let (key, secret) = lifecycle::create_key(state, actor, input).await?;
             print_secret(&key, &secret, args.output.json, now)
         }
-        KeysCommand::List { project, state: key_state, limit, output } => {
+        KeysCommand::List {
+            project,
+            state: key_state,
+            limit,
+            output,
+        } => {
             let project_id = match project {
                 Some(p) => Some(state.store.get_project(&actor.org_id, &p).await?.id),
                 None => None,
@@ -116,16 +131,38 @@ async fn keys(state: &AppState, actor: &Actor, cmd: KeysCommand) -> Result<(), B
             let key_state = key_state
                 .map(|s| KeyState::parse(&s).ok_or("--state is active, revoked or expired"))
                 .transpose()?;
-            let filter = KeyFilter { project_id, state: key_state };
-            let page = PageRequest { limit: limit.clamp(1, 1000), before: None };
-            let keys = state.store.list_keys(&actor.org_id, &filter, &page, now).await?;
+            let filter = KeyFilter {
+                project_id,
+                state: key_state,
+            };
+            let page = PageRequest {
+                limit: limit.clamp(1, 1000),
+                before: None,
+            };
+            let keys = state
+                .store
+                .list_keys(&actor.org_id, &filter, &page, now)
+                .await?;
             if output.json {
                 return print_json(&ListView::from_page(&keys, |k| KeyView::new(k, now)));
             }
-            println!("{:<31} {:<8} {:<20} {:<24} NAME", "ID", "STATE", "HINT", "LAST USED");
+            println!(
+                "{:<31} {:<8} {:<20} {:<24} NAME",
+                "ID", "STATE", "HINT", "LAST USED"
+            );
             for k in &keys.items {
-                let last = k.last_used_at.map(|t| t.to_string()).unwrap_or_else(|| "never".into());
-                println!("{:<31} {:<8} {:<20} {:<24} {}", k.id, k.state(now).as_str(), k.hint, last, k.name);
+                let last = k
+                    .last_used_at
+                    .map(|t| t.to_string())
+                    .unwrap_or_else(|| "never".into());
+                println!(
+                    "{:<31} {:<8} {:<20} {:<24} {}",
+                    k.id,
+                    k.state(now).as_str(),
+                    k.hint,
+                    last,
+                    k.name
+                );
             }
             Ok(())
         }
@@ -137,8 +174,16 @@ async fn keys(state: &AppState, actor: &Actor, cmd: KeysCommand) -> Result<(), B
             print_key(&key, now);
             Ok(())
         }
-        KeysCommand::Rotate { id, grace_seconds, scopes, output } => {
-            let input = RotateKeyInput { grace_seconds, scopes };
+        KeysCommand::Rotate {
+            id,
+            grace_seconds,
+            scopes,
+            output,
+        } => {
+            let input = RotateKeyInput {
+                grace_seconds,
+                scopes,
+            };
             let (key, secret) = lifecycle::rotate_key(state, actor, &id, input).await?;
             print_secret(&key, &secret, output.json, now)
         }
@@ -160,24 +205,42 @@ async fn keys(state: &AppState, actor: &Actor, cmd: KeysCommand) -> Result<(), B
 
 async fn projects(state: &AppState, actor: &Actor, cmd: ProjectsCommand) -> Result<(), BoxError> {
     match cmd {
-        ProjectsCommand::Create { slug, name, key_prefix, output } => {
-            let input = CreateProjectInput { slug, name, key_prefix };
+        ProjectsCommand::Create {
+            slug,
+            name,
+            key_prefix,
+            output,
+        } => {
+            let input = CreateProjectInput {
+                slug,
+                name,
+                key_prefix,
+            };
             let project = lifecycle::create_project(state, actor, input).await?;
             if output.json {
                 return print_json(&ProjectView::new(&project));
             }
-            println!("created project {} ({}), key prefix {}", project.slug, project.id, project.key_prefix);
+            println!(
+                "created project {} ({}), key prefix {}",
+                project.slug, project.id, project.key_prefix
+            );
             Ok(())
         }
         ProjectsCommand::List { limit, output } => {
-            let page = PageRequest { limit: limit.clamp(1, 1000), before: None };
+            let page = PageRequest {
+                limit: limit.clamp(1, 1000),
+                before: None,
+            };
             let projects = state.store.list_projects(&actor.org_id, &page).await?;
             if output.json {
                 return print_json(&ListView::from_page(&projects, ProjectView::new));
             }
             println!("{:<32} {:<24} {:<20} NAME", "ID", "SLUG", "KEY PREFIX");
             for p in &projects.items {
-                println!("{:<32} {:<24} {:<20} {}", p.id, p.slug, p.key_prefix, p.name);
+                println!(
+                    "{:<32} {:<24} {:<20} {}",
+                    p.id, p.slug, p.key_prefix, p.name
+                );
             }
             Ok(())
         }
@@ -201,7 +264,12 @@ fn read_password(from_stdin: bool) -> Result<SecretString, BoxError> {
 
 async fn users_cmd(state: &AppState, actor: &Actor, cmd: UsersCommand) -> Result<(), BoxError> {
     match cmd {
-        UsersCommand::Create { email, role, password_stdin, output } => {
+        UsersCommand::Create {
+            email,
+            role,
+            password_stdin,
+            output,
+        } => {
             let role = Role::parse(&role).ok_or("--role is owner, admin or member")?;
             let password = read_password(password_stdin)?;
             let user = users::create_user(state, actor, &email, &password, role).await?;
@@ -211,7 +279,12 @@ async fn users_cmd(state: &AppState, actor: &Actor, cmd: UsersCommand) -> Result
                     "role": role.as_str(), "created_at": user.created_at.to_rfc3339(),
                 }));
             }
-            println!("created user {} ({}) as {}", user.email, user.id, role.as_str());
+            println!(
+                "created user {} ({}) as {}",
+                user.email,
+                user.id,
+                role.as_str()
+            );
             Ok(())
         }
     }

@@ -10,8 +10,8 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::views::{KeyView, ListView};
 use super::PageQuery;
+use super::views::{KeyView, ListView};
 use crate::auth::Management;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiJson, ApiQuery};
@@ -27,7 +27,12 @@ fn actor(Management(principal): &Management) -> Actor {
 }
 
 /// The one answer that carries a secret.
-fn with_secret(state: &AppState, key: &ApiKey, secret: &SecretString, status: StatusCode) -> Response {
+fn with_secret(
+    state: &AppState,
+    key: &ApiKey,
+    secret: &SecretString,
+    status: StatusCode,
+) -> Response {
     let mut view = KeyView::new(key, state.clock.now());
     view.key = Some(secret.expose_secret());
     let mut response = (status, Json(view)).into_response();

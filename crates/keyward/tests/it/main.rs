@@ -1,1 +1,16 @@
-fn main() {}
+//! End-to-end tests: the real `keyward` binary on an ephemeral port with a temporary SQLite
+//! file, spoken to over HTTP.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests fail loudly"
+)]
+
+mod bad_input;
+mod cli;
+mod harness;
+mod lifecycle;
+mod secrets;
+mod serve;
+mod verification;

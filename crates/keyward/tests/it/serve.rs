@@ -1,0 +1,66 @@
+//! `keyward serve`: first start, later starts, health, graceful shutdown.
+
+use reqwest::Method;
+
+use crate::harness::TestServer;
+
+#[tokio::test]
+async fn first_start_prints_a_management_key_once_and_later_starts_print_none() {
+    let mut first = TestServer::start().await;
+    assert!(first.mgmt_key.starts_with("kw_live_"), "{}", first.stderr());
+    let key_line = first
+        .stderr()
+        .lines()
+        .filter(|l| l.trim() == first.mgmt_key)
+        .count();
+    assert_eq!(key_line, 1, "the key stands on a line of its own");
+    let org = first.admin(Method::GET, "/v1/org", None).await;
+    assert_eq!(org.status, 200);
+    let projects = first.admin(Method::GET, "/v1/projects", None).await;
+    assert_eq!(projects.body["data"][0]["slug"], "default");
+    let key = first.mgmt_key.clone();
+    assert!(first.stop().await.success());
+
+    let dir = first.dir.clone();
+    drop(first);
+    let second = TestServer::start_in(dir, &[]).await;
+    assert!(second.mgmt_key.is_empty());
+    assert!(!second.stderr().contains("kw_live_"), "{}", second.stderr());
+    // Same store: the first key still works, and there is still one organisation.
+    let org2 = second.call(Method::GET, "/v1/org", Some(&key), None).await;
+    assert_eq!(org2.status, 200);
+    assert_eq!(org2.body["id"], org.body["id"]);
+}
+
+#[tokio::test]
+async fn health_readiness_and_request_ids() {
+    let s = TestServer::start().await;
+    let health = s
+        .client
+        .get(format!("{}/healthz", s.internal))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    let ready = s
+        .client
+        .get(format!("{}/readyz", s.internal))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    let ok = s.admin(Method::GET, "/v1/org", None).await;
+    let id = ok.header("x-request-id").unwrap();
+    assert!(id.starts_with("req_") && id.len() == 30);
+    let other = s.admin(Method::GET, "/v1/org", None).await;
+    assert_ne!(other.header("x-request-id"), Some(id));
+}
+
+#[tokio::test]
+async fn sigterm_drains_and_exits_cleanly() {
+    let mut s = TestServer::start().await;
+    assert_eq!(s.admin(Method::GET, "/v1/org", None).await.status, 200);
+    let status = s.stop().await;
+    assert!(status.success(), "{status}");
+    assert!(s.stdout().contains("keyward stopped"));
+}
