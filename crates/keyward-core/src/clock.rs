@@ -27,6 +27,15 @@ impl Timestamp {
         Self(self.0.saturating_add(secs.saturating_mul(1000)))
     }
 
+    pub fn plus_millis(self, millis: i64) -> Self {
+        Self(self.0.saturating_add(millis))
+    }
+
+    /// Start of the minute this instant falls in.
+    pub fn minute_start(self) -> Self {
+        Self(self.0.div_euclid(60_000) * 60_000)
+    }
+
     /// RFC 3339 in UTC with millisecond precision, e.g. `2026-11-22T07:10:05.123Z`.
     pub fn to_rfc3339(self) -> String {
         let nanos = i128::from(self.0) * 1_000_000;

@@ -13,6 +13,7 @@ pub mod ids;
 pub mod ip;
 pub mod key;
 pub mod key_format;
+pub mod path;
 
 pub use clock::{Clock, SystemClock, Timestamp};
 pub use errors::ErrorCode;

@@ -10,32 +10,45 @@ use keyward_core::ErrorCode;
 use keyward_core::key::{Access, ApiKey, authorize};
 use keyward_core::key_format::{KeyHash, is_well_formed};
 use std::net::IpAddr;
+use std::sync::Arc;
 
+use crate::cache;
+use crate::config::AuthConfig;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::ClientIp;
 use crate::state::AppState;
-
-pub const API_KEY_HEADER: &str = "x-api-key";
+use crate::usage::Outcome;
 
 /// The scope the management API requires.
 pub const MANAGEMENT_SCOPE: &str = "management";
 
-/// Finds the one credential of a request: `Authorization: Bearer …` or `X-API-Key: …`.
-/// The same value in both is fine; two different values are refused.
-pub fn extract_credential(headers: &HeaderMap) -> ApiResult<&[u8]> {
+/// Finds the one credential of a request: `Authorization: Bearer …` (when enabled) or one of
+/// the configured key headers (`X-API-Key` by default). The same value twice is fine; two
+/// different values are refused.
+pub fn extract_credential<'h>(headers: &'h HeaderMap, auth: &AuthConfig) -> ApiResult<&'h [u8]> {
     let mut found = None;
-    for value in headers.get_all(header::AUTHORIZATION) {
-        let bytes = value.as_bytes();
-        // `Bearer` with nothing after it is a malformed credential, not a missing one.
-        let scheme_end = bytes.iter().position(|&b| b == b' ').unwrap_or(bytes.len());
-        if bytes[..scheme_end].eq_ignore_ascii_case(b"bearer") {
-            merge(&mut found, trim_spaces(&bytes[scheme_end..]))?;
+    if auth.bearer {
+        for value in headers.get_all(header::AUTHORIZATION) {
+            let bytes = value.as_bytes();
+            // `Bearer` with nothing after it is a malformed credential, not a missing one.
+            let scheme_end = bytes.iter().position(|&b| b == b' ').unwrap_or(bytes.len());
+            if bytes[..scheme_end].eq_ignore_ascii_case(b"bearer") {
+                merge(&mut found, trim_spaces(&bytes[scheme_end..]))?;
+            }
         }
     }
-    for value in headers.get_all(API_KEY_HEADER) {
-        merge(&mut found, trim_spaces(value.as_bytes()))?;
+    for name in &auth.key_headers {
+        for value in headers.get_all(name.as_str()) {
+            merge(&mut found, trim_spaces(value.as_bytes()))?;
+        }
     }
     found.ok_or_else(|| ApiError::new(ErrorCode::MissingCredentials))
+}
+
+/// True when the `Authorization` header carried a bearer credential (to hide it upstream).
+pub fn is_bearer(value: &axum::http::HeaderValue) -> bool {
+    let bytes = value.as_bytes();
+    bytes.len() >= 6 && bytes[..6].eq_ignore_ascii_case(b"bearer")
 }
 
 // Both values come from the same request, so comparing them needs no constant time.
@@ -57,7 +70,7 @@ fn trim_spaces(bytes: &[u8]) -> &[u8] {
 /// A caller whose key passed every check.
 #[derive(Debug, Clone)]
 pub struct Principal {
-    pub key: ApiKey,
+    pub key: Arc<ApiKey>,
     pub client_ip: IpAddr,
 }
 
@@ -68,7 +81,8 @@ impl Principal {
     }
 }
 
-/// Steps 1 to 5 of the decision order for one request.
+/// Steps 1 to 5 of the decision order for one request. Failures of a known key are counted
+/// in its usage; the caller counts the success once the whole decision is made.
 pub async fn authenticate(
     state: &AppState,
     headers: &HeaderMap,
@@ -76,12 +90,24 @@ pub async fn authenticate(
     route: Option<&str>,
     required_scopes: &[String],
 ) -> ApiResult<Principal> {
-    let token = extract_credential(headers)?;
+    let token = extract_credential(headers, &state.config.auth)?;
+    verify_token(state, token, client_ip, route, required_scopes).await
+}
+
+/// Steps 1 (well-formed) to 5 for a credential already taken from the request.
+pub async fn verify_token(
+    state: &AppState,
+    token: &[u8],
+    client_ip: IpAddr,
+    route: Option<&str>,
+    required_scopes: &[String],
+) -> ApiResult<Principal> {
     if !is_well_formed(token, state.config.keys.format) {
         return Err(ApiError::new(ErrorCode::InvalidApiKey));
     }
     let hash = KeyHash::of(token);
-    let Some((key, validity)) = state.store.find_by_hash(&hash).await? else {
+    let now = state.clock.now();
+    let Some(secret) = cache::resolve(&state.keys, &*state.store, &hash, now).await? else {
         return Err(ApiError::new(ErrorCode::InvalidApiKey));
     };
     let access = Access {
@@ -89,8 +115,18 @@ pub async fn authenticate(
         route,
         required_scopes,
     };
-    authorize(&key, validity, access, state.clock.now()).map_err(ApiError::new)?;
-    Ok(Principal { key, client_ip })
+    match authorize(&secret.key, secret.validity, access, now) {
+        Ok(()) => Ok(Principal {
+            key: secret.key,
+            client_ip,
+        }),
+        Err(code) => {
+            if let Some(outcome) = Outcome::of(code) {
+                state.usage.record(&secret.key.id, outcome, now);
+            }
+            Err(ApiError::new(code))
+        }
+    }
 }
 
 /// A caller allowed to use the management API: its handlers take this as an argument, so a
@@ -107,9 +143,11 @@ impl FromRequestParts<AppState> for Management {
     ) -> Result<Self, Self::Rejection> {
         let ClientIp(ip) = ClientIp::from_request_parts(parts, state).await?;
         let required = [MANAGEMENT_SCOPE.to_owned()];
-        authenticate(state, &parts.headers, ip, None, &required)
-            .await
-            .map(Management)
+        let principal = authenticate(state, &parts.headers, ip, None, &required).await?;
+        state
+            .usage
+            .record(&principal.key.id, Outcome::Allowed, state.clock.now());
+        Ok(Management(principal))
     }
 }
 
@@ -126,26 +164,38 @@ mod tests {
         h
     }
 
+    fn auth() -> AuthConfig {
+        AuthConfig {
+            bearer: true,
+            key_headers: vec!["x-api-key".into()],
+            hide_credentials: true,
+        }
+    }
+
+    fn extract(h: &HeaderMap) -> ApiResult<&[u8]> {
+        extract_credential(h, &auth())
+    }
+
     fn code(h: &HeaderMap) -> Option<ErrorCode> {
-        extract_credential(h).err().map(|e| e.code)
+        extract(h).err().map(|e| e.code)
     }
 
     #[test]
     fn credentials_from_either_header() {
         let h = headers(&[("authorization", "Bearer abc")]);
-        assert_eq!(extract_credential(&h).ok(), Some(&b"abc"[..]));
+        assert_eq!(extract(&h).ok(), Some(&b"abc"[..]));
         let h = headers(&[("authorization", "bEaReR   abc")]);
-        assert_eq!(extract_credential(&h).ok(), Some(&b"abc"[..]));
+        assert_eq!(extract(&h).ok(), Some(&b"abc"[..]));
         let h = headers(&[("X-Api-Key", "abc")]);
-        assert_eq!(extract_credential(&h).ok(), Some(&b"abc"[..]));
+        assert_eq!(extract(&h).ok(), Some(&b"abc"[..]));
         let h = headers(&[("authorization", "Bearer abc"), ("x-api-key", "abc")]);
-        assert_eq!(extract_credential(&h).ok(), Some(&b"abc"[..]));
+        assert_eq!(extract(&h).ok(), Some(&b"abc"[..]));
         // Other schemes are someone else's business.
         let h = headers(&[
             ("authorization", "Basic dXNlcjpwYXNz"),
             ("x-api-key", "abc"),
         ]);
-        assert_eq!(extract_credential(&h).ok(), Some(&b"abc"[..]));
+        assert_eq!(extract(&h).ok(), Some(&b"abc"[..]));
     }
 
     #[test]

@@ -132,6 +132,34 @@ fn default_cost() -> u32 {
     1
 }
 
+/// How clients present keys, and whether upstreams see them.
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// Accept `Authorization: Bearer <key>`.
+    pub bearer: bool,
+    /// Headers that carry the bare key (lower case), e.g. `x-api-key`.
+    pub key_headers: Vec<String>,
+    /// Remove the credential before proxying.
+    pub hide_credentials: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct CorsConfig {
+    /// Allowed origins; empty allows any origin (without credentials).
+    pub origins: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct UsageConfig {
+    pub flush_seconds: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    pub negative_capacity: usize,
+    pub negative_ttl_seconds: u64,
+}
+
 #[derive(Debug, Clone)]
 pub struct LogConfig {
     pub format: LogFormat,
@@ -146,6 +174,10 @@ pub struct Config {
     pub ratelimit: RateLimitConfig,
     pub errors: ErrorsConfig,
     pub routes: Vec<RouteConfig>,
+    pub auth: AuthConfig,
+    pub cors: CorsConfig,
+    pub usage: UsageConfig,
+    pub cache: CacheConfig,
     pub log: LogConfig,
 }
 
@@ -270,6 +302,13 @@ const KNOWN_KEYS: &[&str] = &[
     "errors.style",
     "errors.codes",
     "routes",
+    "auth.bearer",
+    "auth.key_headers",
+    "auth.hide_credentials",
+    "cors.origins",
+    "usage.flush_seconds",
+    "cache.negative_capacity",
+    "cache.negative_ttl_seconds",
     "log.format",
     "log.level",
 ];
@@ -487,15 +526,27 @@ fn build(figment: &Figment) -> Result<Config, ConfigErrors> {
         if route.name.is_empty() || !names.insert(route.name.clone()) {
             r.fail(&at("name"), "must be non-empty and unique");
         }
-        if !route.path.starts_with('/') {
-            r.fail(&at("path"), "must start with /");
+        match keyward_core::path::normalize(&route.path) {
+            Ok(normalized)
+                if normalized == route.path || format!("{normalized}/") == route.path => {}
+            _ => r.fail(
+                &at("path"),
+                "must be a normalised absolute path such as /v1/chat/",
+            ),
         }
-        if route.upstream != ECHO_UPSTREAM
-            && !(route.upstream.starts_with("http://") || route.upstream.starts_with("https://"))
-        {
+        if route.timeout == Some(0) {
+            r.fail(&at("timeout"), "must be at least 1 second");
+        }
+        let upstream_ok = route.upstream == ECHO_UPSTREAM
+            || (route.upstream.starts_with("http://")
+                && route
+                    .upstream
+                    .parse::<axum::http::Uri>()
+                    .is_ok_and(|u| u.authority().is_some() && u.query().is_none()));
+        if !upstream_ok {
             r.fail(
                 &at("upstream"),
-                format!("must be an http(s):// URL or {ECHO_UPSTREAM}"),
+                format!("must be an http:// URL (https upstreams are not supported yet) or {ECHO_UPSTREAM}"),
             );
         }
         for s in &route.scopes {
@@ -507,6 +558,45 @@ fn build(figment: &Figment) -> Result<Config, ConfigErrors> {
             r.fail(&at("cost"), "must be at least 1");
         }
     }
+
+    let bearer = r.get("auth.bearer", true);
+    let key_headers: Vec<String> = r.get("auth.key_headers", vec!["x-api-key".to_owned()]);
+    let key_headers: Vec<String> = key_headers.iter().map(|h| h.to_ascii_lowercase()).collect();
+    for (i, h) in key_headers.iter().enumerate() {
+        if axum::http::HeaderName::from_bytes(h.as_bytes()).is_err() || h == "authorization" {
+            r.fail(
+                &format!("auth.key_headers[{i}]"),
+                "must be a header name other than authorization",
+            );
+        }
+    }
+    if !bearer && key_headers.is_empty() {
+        r.fail(
+            "auth.key_headers",
+            "with auth.bearer = false at least one key header is needed",
+        );
+    }
+    let hide_credentials = r.get("auth.hide_credentials", true);
+    let origins: Vec<String> = r.get("cors.origins", Vec::new());
+    for (i, o) in origins.iter().enumerate() {
+        if axum::http::HeaderValue::from_str(o).is_err()
+            || !(o.starts_with("http://") || o.starts_with("https://"))
+        {
+            r.fail(
+                &format!("cors.origins[{i}]"),
+                "must be an origin such as https://app.example.com",
+            );
+        }
+    }
+    let flush_seconds: u64 = r.get("usage.flush_seconds", 10);
+    if !(1..=3600).contains(&flush_seconds) {
+        r.fail("usage.flush_seconds", "must be between 1 and 3600");
+    }
+    let negative_capacity: usize = r.get("cache.negative_capacity", 100_000);
+    if negative_capacity == 0 {
+        r.fail("cache.negative_capacity", "must be at least 1");
+    }
+    let negative_ttl_seconds: u64 = r.get("cache.negative_ttl_seconds", 60);
 
     let log_format = r.get("log.format", LogFormat::Text);
     let log_level: String = r.get("log.level", "info".to_owned());
@@ -542,6 +632,17 @@ fn build(figment: &Figment) -> Result<Config, ConfigErrors> {
         },
         errors: ErrorsConfig { style, codes },
         routes,
+        auth: AuthConfig {
+            bearer,
+            key_headers,
+            hide_credentials,
+        },
+        cors: CorsConfig { origins },
+        usage: UsageConfig { flush_seconds },
+        cache: CacheConfig {
+            negative_capacity,
+            negative_ttl_seconds,
+        },
         log: LogConfig {
             format: log_format,
             level: log_level,

@@ -4,34 +4,84 @@
 pub mod api;
 pub mod auth;
 pub mod bootstrap;
+pub mod cache;
 pub mod config;
+pub mod data_plane;
 pub mod error;
 pub mod extract;
+pub mod forward_auth;
 pub mod lifecycle;
+pub mod metrics;
 pub mod middleware;
+pub mod proxy;
+pub mod routes;
 pub mod serve;
 pub mod state;
+pub mod usage;
 pub mod users;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::get;
+use axum::http::{HeaderName, HeaderValue, Method, header};
+use axum::routing::{get, post};
 use keyward_core::ErrorCode;
+use metrics_exporter_prometheus::PrometheusHandle;
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 
 use crate::error::ApiError;
 use crate::state::AppState;
 
-/// The public listener's application.
+/// CORS from `[cors]`: the listed origins, or any origin (never with credentials).
+fn cors(state: &AppState) -> CorsLayer {
+    let origins = &state.config.cors.origins;
+    let allow_origin = if origins.is_empty() {
+        AllowOrigin::from(Any)
+    } else {
+        AllowOrigin::list(
+            origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok())
+                .collect::<Vec<_>>(),
+        )
+    };
+    let mut allow_headers = vec![header::AUTHORIZATION, header::CONTENT_TYPE];
+    allow_headers.extend(
+        state
+            .config
+            .auth
+            .key_headers
+            .iter()
+            .filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok()),
+    );
+    CorsLayer::new()
+        .allow_origin(allow_origin)
+        .allow_methods([
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::PATCH,
+            Method::DELETE,
+            Method::OPTIONS,
+        ])
+        .allow_headers(allow_headers)
+        .expose_headers([HeaderName::from_static(middleware::REQUEST_ID_HEADER)])
+        .max_age(std::time::Duration::from_secs(600))
+}
+
+/// The public listener's application: keyward's own API, and the gateway for everything else.
 pub fn app(state: AppState) -> Router {
     Router::new()
         .merge(api::router())
-        .fallback(|| async { ApiError::new(ErrorCode::RouteNotFound) })
+        .route("/v1/auth", get(forward_auth::forward_auth))
+        .route("/v1/verify", post(forward_auth::verify))
+        .fallback(data_plane::handle)
         .method_not_allowed_fallback(|| async { ApiError::new(ErrorCode::MethodNotAllowed) })
         .layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES))
         .layer(CatchPanicLayer::custom(|_| {
             axum::response::IntoResponse::into_response(ApiError::internal("handler panicked"))
         }))
+        .layer(cors(&state))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             middleware::request_context,
@@ -39,14 +89,22 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// The internal listener: health and readiness (metrics come with the data plane).
-pub fn internal_app(state: AppState) -> Router {
+/// The internal listener: health, readiness, Prometheus metrics.
+pub fn internal_app(state: AppState, metrics: Option<PrometheusHandle>) -> Router {
+    let render = move || {
+        let text = metrics
+            .as_ref()
+            .map(PrometheusHandle::render)
+            .unwrap_or_default();
+        async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text) }
+    };
     Router::new()
         .route(
             "/healthz",
             get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
         )
         .route("/readyz", get(readyz))
+        .route("/metrics", get(render))
         .fallback(|| async { ApiError::new(ErrorCode::NotFound) })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -383,10 +383,9 @@ pub async fn create_key(
         json!({"project": project.id, "name": key.name, "scopes": key.scopes, "environment": environment.as_str()}),
         now,
     );
-    state
-        .store
-        .create_key(&key, &KeyHash::of_secret(&secret), &audit)
-        .await?;
+    let hash = KeyHash::of_secret(&secret);
+    state.store.create_key(&key, &hash, &audit).await?;
+    state.keys.forget_unknown(&hash);
     Ok((key, secret))
 }
 
@@ -479,7 +478,9 @@ pub async fn update_key(
         json!({"fields": changed}),
         now,
     );
-    match state.store.update_key(&key, &audit).await {
+    let written = state.store.update_key(&key, &audit).await;
+    state.keys.invalidate(&key.id);
+    match written {
         Err(StoreError::Conflict(_)) => Err(revoked_conflict()),
         other => other.map_err(ApiError::from),
     }?;
@@ -532,11 +533,13 @@ pub async fn rotate_key(
         json!({"grace_seconds": grace, "scopes": new_scopes}),
         now,
     );
-    let rotated = match state
+    let written = state
         .store
         .rotate_key(&actor.org_id, &key.id, &rotation, &audit)
-        .await
-    {
+        .await;
+    state.keys.invalidate(&key.id);
+    state.keys.forget_unknown(&rotation.new_hash);
+    let rotated = match written {
         Err(StoreError::Conflict(_)) => Err(revoked_conflict()),
         other => other.map_err(ApiError::from),
     }?;
@@ -548,11 +551,12 @@ pub async fn revoke_key(state: &AppState, actor: &Actor, raw_id: &str) -> ApiRes
     let now = state.clock.now();
     let id = parse_key_id(raw_id)?;
     let audit = actor.audit("key.revoked", Some(id.to_string()), json!({}), now);
-    match state
+    let written = state
         .store
         .revoke_key(&actor.org_id, &id, now, &audit)
-        .await
-    {
+        .await;
+    state.keys.invalidate(&id);
+    match written {
         Err(StoreError::NotFound) => Err(ApiError::not_found("key")),
         other => Ok(other?),
     }
@@ -577,7 +581,11 @@ pub async fn report_leaked(state: &AppState, actor: &Actor, secrets: &[String]) 
     let matched = state
         .store
         .revoke_leaked(&hashes, now, &actor.id, ip.as_deref())
-        .await?;
+        .await;
+    for hash in &hashes {
+        state.keys.invalidate_by_hash(hash);
+    }
+    let matched = matched?;
     let audit = actor.audit(
         "leak_report.received",
         None,

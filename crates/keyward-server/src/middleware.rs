@@ -10,6 +10,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 use keyward_core::ids::RequestId;
 
+use crate::data_plane::RouteLabel;
 use crate::error::{ApiError, code_for_status};
 use crate::state::AppState;
 
@@ -31,6 +32,11 @@ pub async fn request_context(
     let path = req.uri().path().to_owned();
 
     let mut response = next.run(req).await;
+    let route = response
+        .extensions()
+        .get::<RouteLabel>()
+        .map(|r| r.0.to_string())
+        .unwrap_or_else(|| String::from("keyward"));
 
     let error = response.extensions_mut().remove::<ApiError>().or_else(|| {
         let status = response.status();
@@ -55,6 +61,16 @@ pub async fn request_context(
     if let Ok(value) = HeaderValue::from_str(request_id.as_str()) {
         response.headers_mut().insert(REQUEST_ID_HEADER, value);
     }
+    let status = response.status().as_u16();
+    metrics::counter!(
+        "keyward_requests_total",
+        "route" => route.clone(),
+        "status" => status.to_string(),
+        "code" => code.unwrap_or("ok"),
+    )
+    .increment(1);
+    metrics::histogram!(crate::metrics::REQUEST_DURATION, "route" => route)
+        .record(started.elapsed().as_secs_f64());
     tracing::info!(
         request_id = %request_id,
         method = %method,

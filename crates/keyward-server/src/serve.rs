@@ -139,13 +139,21 @@ pub fn run(config: Config) -> Result<(), BoxError> {
         handles.push(handle);
     }
 
+    let metrics = crate::metrics::install();
     main_rt.block_on(async {
         let internal = tokio::net::TcpListener::from_std(internal)?;
         let internal_server = tokio::spawn(serve_on(
             internal,
-            internal_app(state.clone()),
+            internal_app(state.clone(), metrics),
             stop_rx.clone(),
         ));
+        tokio::spawn(crate::cache::follow_changes(
+            state.keys.clone(),
+            state.store.clone(),
+            state.clock.clone(),
+            stop_rx.clone(),
+        ));
+        tokio::spawn(flush_usage_periodically(state.clone(), stop_rx.clone()));
         termination_signal().await;
         tracing::info!("shutting down: draining connections");
         let _ = stop_tx.send(true);
@@ -158,6 +166,30 @@ pub fn run(config: Config) -> Result<(), BoxError> {
             Err(_) => return Err("a worker thread panicked".into()),
         }
     }
+    // Every connection is closed: no request can count anything any more.
+    main_rt.block_on(flush_usage(&state));
     tracing::info!("keyward stopped");
     Ok(())
+}
+
+async fn flush_usage(state: &AppState) {
+    match state.usage.flush(&*state.store, state.clock.now()).await {
+        Ok(0) => {}
+        Ok(rows) => tracing::debug!(rows, "usage written"),
+        Err(e) => tracing::warn!(error = %e, "cannot write usage; kept in memory for the next try"),
+    }
+}
+
+async fn flush_usage_periodically(state: AppState, stop: watch::Receiver<bool>) {
+    let period = std::time::Duration::from_secs(state.config.usage.flush_seconds);
+    let mut interval = tokio::time::interval(period);
+    interval.tick().await;
+    let stopped = shutdown_requested(stop);
+    tokio::pin!(stopped);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => flush_usage(&state).await,
+            _ = &mut stopped => return,
+        }
+    }
 }

@@ -3,8 +3,11 @@ use std::sync::Arc;
 use keyward_core::Clock;
 use keyward_store::Store;
 
+use crate::cache::{CacheSettings, KeyCache};
 use crate::config::Config;
 use crate::error::ErrorRenderer;
+use crate::routes::RouteTable;
+use crate::usage::UsageRecorder;
 
 /// What every handler can reach. Cheap to clone: everything is behind an `Arc`.
 #[derive(Clone)]
@@ -13,16 +16,28 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub clock: Arc<dyn Clock>,
     pub errors: Arc<ErrorRenderer>,
+    pub keys: Arc<KeyCache>,
+    pub usage: Arc<UsageRecorder>,
+    pub routes: Arc<RouteTable>,
 }
 
 impl AppState {
     pub fn new(config: Config, store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Self {
         let errors = Arc::new(ErrorRenderer::new(&config.errors));
+        let keys = Arc::new(KeyCache::new(CacheSettings {
+            negative_capacity: config.cache.negative_capacity,
+            negative_ttl_ms: i64::try_from(config.cache.negative_ttl_seconds.saturating_mul(1000))
+                .unwrap_or(i64::MAX),
+        }));
+        let routes = Arc::new(RouteTable::new(&config.routes));
         Self {
             config: Arc::new(config),
             store,
             clock,
             errors,
+            keys,
+            usage: Arc::new(UsageRecorder::default()),
+            routes,
         }
     }
 }

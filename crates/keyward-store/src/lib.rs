@@ -140,6 +140,36 @@ pub struct Rotation {
     pub now: Timestamp,
 }
 
+/// Requests of one key in one minute, by outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct UsageCounts {
+    pub allowed: u64,
+    pub unauthorized: u64,
+    pub forbidden: u64,
+    pub rate_limited: u64,
+}
+
+impl UsageCounts {
+    pub fn add(&mut self, other: &UsageCounts) {
+        self.allowed += other.allowed;
+        self.unauthorized += other.unauthorized;
+        self.forbidden += other.forbidden;
+        self.rate_limited += other.rate_limited;
+    }
+
+    pub fn is_zero(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageRow {
+    pub key_id: KeyId,
+    /// Start of the minute.
+    pub minute: Timestamp,
+    pub counts: UsageCounts,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RevokeOutcome {
     Revoked,
@@ -219,6 +249,27 @@ pub trait Store: Send + Sync + 'static {
         actor: &str,
         ip: Option<&str>,
     ) -> StoreResult<u64>;
+
+    /// Keys changed after `after` (a sequence number from an earlier call, or 0), and the
+    /// sequence number to pass next time.
+    async fn key_changes_since(&self, after: i64) -> StoreResult<(Vec<KeyId>, i64)>;
+    /// Drops change records older than `before`.
+    async fn prune_key_changes(&self, before: Timestamp) -> StoreResult<()>;
+
+    /// Adds a batch of usage counts and advances `last_used_at`, in one transaction.
+    async fn record_usage(
+        &self,
+        rows: &[UsageRow],
+        last_used: &[(KeyId, Timestamp)],
+    ) -> StoreResult<()>;
+    /// Minute rows of one key in `[from, to)`, oldest first.
+    async fn usage(
+        &self,
+        org: &OrgId,
+        key: &KeyId,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> StoreResult<Vec<UsageRow>>;
 
     async fn append_audit(&self, entry: &AuditEntry) -> StoreResult<()>;
     async fn list_audit(&self, org: &OrgId, page: &PageRequest) -> StoreResult<Page<AuditEntry>>;

@@ -15,7 +15,7 @@ use sqlx::{Row, SqlitePool, sqlite::SqliteRow};
 
 use crate::{
     AuditEntry, Bootstrap, KeyFilter, Org, Page, PageRequest, Project, RevokeOutcome, Role,
-    Rotation, Store, StoreError, StoreResult, User,
+    Rotation, Store, StoreError, StoreResult, UsageCounts, UsageRow, User,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -272,6 +272,27 @@ where
     Ok(())
 }
 
+async fn note_change<'c, E>(executor: E, key_id: &KeyId, at: Timestamp) -> StoreResult<()>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Sqlite>,
+{
+    sqlx::query("INSERT INTO key_changes (key_id, at) VALUES (?, ?)")
+        .bind(key_id.as_str().to_owned())
+        .bind(at.as_millis())
+        .execute(executor)
+        .await
+        .map_err(map_err)?;
+    Ok(())
+}
+
+fn count(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+fn sql_count(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
 const SELECT_KEY: &str = "SELECT * FROM api_keys WHERE org_id = ? AND id = ?";
 
 #[async_trait]
@@ -493,6 +514,7 @@ impl Store for SqliteStore {
             self.get_key(&key.org_id, &key.id).await?;
             return Err(StoreError::Conflict("the key is revoked".into()));
         }
+        note_change(&mut *tx, &key.id, audit.created_at).await?;
         insert_audit(&mut *tx, audit).await?;
         tx.commit().await.map_err(map_err)
     }
@@ -546,6 +568,7 @@ impl Store for SqliteStore {
         .await
         .map_err(map_err)?;
         insert_secret(&mut *tx, &rotation.new_hash, id, rotation.now).await?;
+        note_change(&mut *tx, id, rotation.now).await?;
         insert_audit(&mut *tx, audit).await?;
         let row = sqlx::query(SELECT_KEY)
             .bind(org.as_str().to_owned())
@@ -581,6 +604,7 @@ impl Store for SqliteStore {
             self.get_key(org, id).await?;
             return Ok(RevokeOutcome::AlreadyRevoked);
         }
+        note_change(&mut *tx, id, now).await?;
         insert_audit(&mut *tx, audit).await?;
         tx.commit().await.map_err(map_err)?;
         Ok(RevokeOutcome::Revoked)
@@ -642,6 +666,7 @@ impl Store for SqliteStore {
                 continue;
             }
             revoked += 1;
+            note_change(&mut *tx, &KeyId::from_trusted(key_id.clone()), now).await?;
             let entry = AuditEntry {
                 id: AuditId::generate(),
                 org_id: OrgId::from_trusted(org_id),
@@ -656,6 +681,112 @@ impl Store for SqliteStore {
         }
         tx.commit().await.map_err(map_err)?;
         Ok(revoked)
+    }
+
+    async fn key_changes_since(&self, after: i64) -> StoreResult<(Vec<KeyId>, i64)> {
+        let rows = sqlx::query(
+            "SELECT seq, key_id FROM key_changes WHERE seq > ? ORDER BY seq LIMIT 10000",
+        )
+        .bind(after)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let mut last = after;
+        let mut keys = Vec::with_capacity(rows.len());
+        for row in &rows {
+            last = row.try_get("seq").map_err(map_err)?;
+            keys.push(KeyId::from_trusted(row.try_get("key_id").map_err(map_err)?));
+        }
+        if rows.is_empty() && after == 0 {
+            // Start from the newest change: older ones concern no cache of ours.
+            last = sqlx::query("SELECT COALESCE(MAX(seq), 0) AS seq FROM key_changes")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(map_err)?
+                .try_get("seq")
+                .map_err(map_err)?;
+        }
+        Ok((keys, last))
+    }
+
+    async fn prune_key_changes(&self, before: Timestamp) -> StoreResult<()> {
+        sqlx::query("DELETE FROM key_changes WHERE at < ?")
+            .bind(before.as_millis())
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn record_usage(
+        &self,
+        rows: &[UsageRow],
+        last_used: &[(KeyId, Timestamp)],
+    ) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        for row in rows {
+            sqlx::query(
+                "INSERT INTO key_usage (key_id, minute, allowed, unauthorized, forbidden, rate_limited) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (key_id, minute) DO UPDATE SET \
+                 allowed = allowed + ?3, unauthorized = unauthorized + ?4, \
+                 forbidden = forbidden + ?5, rate_limited = rate_limited + ?6",
+            )
+            .bind(row.key_id.as_str().to_owned())
+            .bind(row.minute.as_millis())
+            .bind(sql_count(row.counts.allowed))
+            .bind(sql_count(row.counts.unauthorized))
+            .bind(sql_count(row.counts.forbidden))
+            .bind(sql_count(row.counts.rate_limited))
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        for (key_id, at) in last_used {
+            sqlx::query(
+                "UPDATE api_keys SET last_used_at = ?1 WHERE id = ?2 AND (last_used_at IS NULL OR last_used_at < ?1)",
+            )
+            .bind(at.as_millis())
+            .bind(key_id.as_str().to_owned())
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn usage(
+        &self,
+        org: &OrgId,
+        key: &KeyId,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> StoreResult<Vec<UsageRow>> {
+        let rows = sqlx::query(
+            "SELECT u.* FROM key_usage u JOIN api_keys k ON k.id = u.key_id \
+             WHERE k.org_id = ? AND u.key_id = ? AND u.minute >= ? AND u.minute < ? ORDER BY u.minute",
+        )
+        .bind(org.as_str().to_owned())
+        .bind(key.as_str().to_owned())
+        .bind(from.as_millis())
+        .bind(to.as_millis())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter()
+            .map(|row| {
+                let get = |c: &str| row.try_get::<i64, _>(c).map_err(map_err);
+                Ok(UsageRow {
+                    key_id: key.clone(),
+                    minute: Timestamp::from_millis(get("minute")?),
+                    counts: UsageCounts {
+                        allowed: count(get("allowed")?),
+                        unauthorized: count(get("unauthorized")?),
+                        forbidden: count(get("forbidden")?),
+                        rate_limited: count(get("rate_limited")?),
+                    },
+                })
+            })
+            .collect()
     }
 
     async fn append_audit(&self, entry: &AuditEntry) -> StoreResult<()> {

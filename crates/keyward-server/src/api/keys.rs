@@ -3,9 +3,10 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use keyward_core::ErrorCode;
+use keyward_core::Timestamp;
 use keyward_core::ids::KeyId;
 use keyward_core::key::{ApiKey, KeyState};
-use keyward_store::KeyFilter;
+use keyward_store::{KeyFilter, UsageCounts};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::json;
@@ -153,6 +154,107 @@ pub async fn leaked(
         "object": "leak_report",
         "received": report.secrets.len(),
         "matched": matched,
+    }))
+    .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageQuery {
+    from: Option<String>,
+    to: Option<String>,
+    granularity: Option<String>,
+}
+
+fn bad_query(param: &str, message: &'static str) -> ApiError {
+    ApiError::new(ErrorCode::InvalidRequest)
+        .with_param(param)
+        .with_message(message)
+}
+
+/// `GET /v1/keys/{id}/usage?from&to&granularity=minute|hour|day`: stored counts plus what
+/// this node has not written yet. Buckets are UTC; only non-empty ones are listed.
+pub async fn usage(
+    State(state): State<AppState>,
+    Management(principal): Management,
+    Path(id): Path<String>,
+    ApiQuery(query): ApiQuery<UsageQuery>,
+) -> ApiResult<Response> {
+    let org = &principal.key.org_id;
+    let key = lifecycle::get_key(&state, org, &id).await?;
+    let now = state.clock.now();
+    let parse = |raw: &Option<String>, param: &str| -> ApiResult<Option<Timestamp>> {
+        raw.as_deref()
+            .map(|r| {
+                Timestamp::parse_rfc3339(r).ok_or_else(|| {
+                    bad_query(param, "Times are RFC 3339, e.g. 2026-11-22T00:00:00Z.")
+                })
+            })
+            .transpose()
+    };
+    let to = parse(&query.to, "to")?.unwrap_or(now.plus_secs(60));
+    let from = parse(&query.from, "from")?.unwrap_or(to.plus_secs(-24 * 3600));
+    let bucket_ms: i64 = match query.granularity.as_deref().unwrap_or("hour") {
+        "minute" => 60_000,
+        "hour" => 3_600_000,
+        "day" => 86_400_000,
+        _ => {
+            return Err(bad_query(
+                "granularity",
+                "`granularity` is minute, hour or day.",
+            ));
+        }
+    };
+    let span = to.as_millis() - from.as_millis();
+    if span <= 0 {
+        return Err(bad_query("from", "`from` must be before `to`."));
+    }
+    if span / bucket_ms > 10_000 {
+        return Err(bad_query(
+            "granularity",
+            "Too many buckets: use a coarser granularity or a shorter range.",
+        ));
+    }
+    let from = from.minute_start();
+    let mut buckets: std::collections::BTreeMap<i64, UsageCounts> = Default::default();
+    let stored = state.store.usage(org, &key.id, from, to).await?;
+    let pending = state.usage.pending(&key.id);
+    let minutes = stored
+        .iter()
+        .map(|r| (r.minute, r.counts))
+        .chain(pending.into_iter().filter(|(m, _)| *m >= from && *m < to));
+    for (minute, counts) in minutes {
+        let start = minute.as_millis().div_euclid(bucket_ms) * bucket_ms;
+        buckets.entry(start).or_default().add(&counts);
+    }
+    let mut totals = UsageCounts::default();
+    let data: Vec<serde_json::Value> = buckets
+        .iter()
+        .map(|(start, c)| {
+            totals.add(c);
+            json!({
+                "start": Timestamp::from_millis(*start).to_rfc3339(),
+                "allowed": c.allowed,
+                "unauthorized": c.unauthorized,
+                "forbidden": c.forbidden,
+                "rate_limited": c.rate_limited,
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "object": "usage",
+        "key_id": key.id,
+        "granularity": query.granularity.as_deref().unwrap_or("hour"),
+        "from": from.to_rfc3339(),
+        "to": to.to_rfc3339(),
+        "data": data,
+        "totals": {
+            "allowed": totals.allowed,
+            "unauthorized": totals.unauthorized,
+            "forbidden": totals.forbidden,
+            "rate_limited": totals.rate_limited,
+        },
+        "last_used_at": key.last_used_at.map(Timestamp::to_rfc3339),
     }))
     .into_response())
 }

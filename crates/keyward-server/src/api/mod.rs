@@ -27,6 +27,7 @@ pub fn router() -> Router<AppState> {
             get(keys::show).patch(keys::update).delete(keys::revoke),
         )
         .route("/v1/keys/{id}/rotate", post(keys::rotate))
+        .route("/v1/keys/{id}/usage", get(keys::usage))
         .route("/v1/projects", get(projects::list).post(projects::create))
         .route("/v1/org", get(projects::org))
         .route("/v1/audit-log", get(audit::list))

@@ -457,3 +457,75 @@ pub async fn unique_slugs_conflict(store: Arc<dyn Store>) {
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(by_id, project);
 }
+
+pub async fn key_changes_are_fed_in_order(store: Arc<dyn Store>) {
+    let (org, _, k) = seeded(&store).await;
+    let (none, start) = store.key_changes_since(0).await.unwrap();
+    assert!(none.is_empty());
+    let mut patched = k.clone();
+    patched.name = "x".into();
+    store
+        .update_key(&patched, &audit(&org.id, "key.updated", T0))
+        .await
+        .unwrap();
+    store
+        .revoke_key(&org.id, &k.id, T0, &audit(&org.id, "key.revoked", T0))
+        .await
+        .unwrap();
+    let (changed, next) = store.key_changes_since(start).await.unwrap();
+    assert_eq!(changed, vec![k.id.clone(), k.id.clone()]);
+    assert!(next > start);
+    let (again, same) = store.key_changes_since(next).await.unwrap();
+    assert!(again.is_empty());
+    assert_eq!(same, next);
+    store.prune_key_changes(T0.plus_secs(1)).await.unwrap();
+}
+
+pub async fn usage_batches_add_up(store: Arc<dyn Store>) {
+    use keyward_store::{UsageCounts, UsageRow};
+    let (org, _, k) = seeded(&store).await;
+    let minute = Timestamp::from_millis(T0.as_millis() / 60_000 * 60_000);
+    let row = |allowed, forbidden| UsageRow {
+        key_id: k.id.clone(),
+        minute,
+        counts: UsageCounts {
+            allowed,
+            unauthorized: 1,
+            forbidden,
+            rate_limited: 0,
+        },
+    };
+    store
+        .record_usage(&[row(3, 1)], &[(k.id.clone(), T0.plus_secs(5))])
+        .await
+        .unwrap();
+    store
+        .record_usage(&[row(2, 0)], &[(k.id.clone(), T0.plus_secs(1))])
+        .await
+        .unwrap();
+    let rows = store
+        .usage(&org.id, &k.id, minute, minute.plus_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        rows[0].counts,
+        UsageCounts {
+            allowed: 5,
+            unauthorized: 2,
+            forbidden: 1,
+            rate_limited: 0
+        }
+    );
+    // last_used_at only moves forward.
+    let key = store.get_key(&org.id, &k.id).await.unwrap();
+    assert_eq!(key.last_used_at, Some(T0.plus_secs(5)));
+    // Another org sees nothing.
+    assert!(
+        store
+            .usage(&OrgId::generate(), &k.id, minute, minute.plus_secs(60))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}

@@ -47,4 +47,6 @@ sqlite_contract!(
     leaked_secrets_revoke_live_keys_only,
     audit_log_is_append_only_and_ordered,
     unique_slugs_conflict,
+    key_changes_are_fed_in_order,
+    usage_batches_add_up,
 );

@@ -100,7 +100,7 @@ async fn keys_projects_and_users_from_the_cli() {
     assert!(st.success());
     let rotated = json(&out)["key"].as_str().unwrap().to_owned();
     server
-        .call(Method::GET, "/v1/org", Some(&secret), None)
+        .eventually(401, Method::GET, "/v1/org", &secret)
         .await
         .assert_error(401, "key_expired");
     assert_eq!(
@@ -115,7 +115,7 @@ async fn keys_projects_and_users_from_the_cli() {
     assert!(st.success());
     assert_eq!(json(&out)["state"], "revoked");
     server
-        .call(Method::GET, "/v1/org", Some(&rotated), None)
+        .eventually(401, Method::GET, "/v1/org", &rotated)
         .await
         .assert_error(401, "key_revoked");
     let (st, out, _) = cli(d, &["keys", "revoke", &id], None, &[]);

@@ -208,6 +208,19 @@ impl TestServer {
         }
     }
 
+    /// Repeats a call until it answers `status` (changes made by another process reach this
+    /// server's cache within a second); returns the last reply.
+    pub async fn eventually(&self, status: u16, method: Method, path: &str, key: &str) -> Reply {
+        let deadline = Instant::now() + Duration::from_millis(1_500);
+        loop {
+            let reply = self.call(method.clone(), path, Some(key), None).await;
+            if reply.status.as_u16() == status || Instant::now() > deadline {
+                return reply;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Management calls with the bootstrap key.
     pub async fn admin(&self, method: Method, path: &str, body: Option<Value>) -> Reply {
         self.call(method, path, Some(&self.mgmt_key.clone()), body)

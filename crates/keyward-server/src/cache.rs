@@ -1,0 +1,324 @@
+//! The key cache: verifying a known key never touches storage.
+//!
+//! - Positive entries map a secret's SHA-256 to its key. The hashes come from CSPRNG secrets,
+//!   so the map uses their first bytes as the hash directly (no hashing on the hot path).
+//! - Unknown hashes go to a bounded negative cache with a TTL. Those hashes are chosen by
+//!   clients, so that map uses a per-process seeded hasher: nobody can aim at one bucket.
+//! - Writes invalidate: the writer on this node calls [`KeyCache::invalidate`] before it
+//!   answers, and every node polls the store's change feed (`key_changes`) once a second.
+//!   An epoch counter keeps a lookup that raced with an invalidation from caching stale data.
+
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use dashmap::DashMap;
+use keyward_core::Timestamp;
+use keyward_core::ids::KeyId;
+use keyward_core::key::{ApiKey, SecretValidity};
+use keyward_core::key_format::KeyHash;
+use keyward_store::Store;
+
+/// A cached secret: the key it belongs to and how long this secret is valid.
+#[derive(Debug, Clone)]
+pub struct CachedSecret {
+    pub key: Arc<ApiKey>,
+    pub validity: SecretValidity,
+}
+
+/// Uses the first 8 bytes of a SHA-256 as the hash.
+#[derive(Clone, Copy, Default)]
+pub struct PassThrough;
+
+#[derive(Default)]
+pub struct PassThroughHasher(u64);
+
+impl Hasher for PassThroughHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut first = [0u8; 8];
+        let n = bytes.len().min(8);
+        first[..n].copy_from_slice(&bytes[..n]);
+        self.0 ^= u64::from_le_bytes(first);
+    }
+}
+
+impl BuildHasher for PassThrough {
+    type Hasher = PassThroughHasher;
+
+    fn build_hasher(&self) -> Self::Hasher {
+        PassThroughHasher(0)
+    }
+}
+
+pub struct CacheSettings {
+    pub negative_capacity: usize,
+    pub negative_ttl_ms: i64,
+}
+
+pub struct KeyCache {
+    positive: DashMap<KeyHash, CachedSecret, PassThrough>,
+    hashes_by_key: DashMap<KeyId, Vec<KeyHash>>,
+    negative: DashMap<KeyHash, Timestamp, foldhash::fast::RandomState>,
+    epoch: AtomicU64,
+    settings: CacheSettings,
+}
+
+/// What the cache knows about a hash.
+pub enum Lookup {
+    Hit(CachedSecret),
+    KnownUnknown,
+    /// Not cached: load it, then [`KeyCache::fill`] with the epoch given here.
+    Miss(u64),
+}
+
+impl KeyCache {
+    pub fn new(settings: CacheSettings) -> Self {
+        Self {
+            positive: DashMap::with_hasher(PassThrough),
+            hashes_by_key: DashMap::new(),
+            negative: DashMap::with_hasher(foldhash::fast::RandomState::default()),
+            epoch: AtomicU64::new(0),
+            settings,
+        }
+    }
+
+    pub fn lookup(&self, hash: &KeyHash, now: Timestamp) -> Lookup {
+        if let Some(entry) = self.positive.get(hash) {
+            return Lookup::Hit(entry.value().clone());
+        }
+        let epoch = self.epoch.load(Ordering::Acquire);
+        if let Some(until) = self.negative.get(hash).map(|e| *e.value()) {
+            if until > now {
+                return Lookup::KnownUnknown;
+            }
+            self.negative.remove(hash);
+        }
+        Lookup::Miss(epoch)
+    }
+
+    /// Stores what the store said about `hash`, unless an invalidation happened meanwhile.
+    pub fn fill(&self, hash: KeyHash, found: Option<CachedSecret>, epoch: u64, now: Timestamp) {
+        if self.epoch.load(Ordering::Acquire) != epoch {
+            return;
+        }
+        match found {
+            Some(secret) => {
+                let key_id = secret.key.id.clone();
+                self.positive.insert(hash, secret);
+                self.hashes_by_key
+                    .entry(key_id.clone())
+                    .or_default()
+                    .push(hash);
+                // Lost a race with an invalidation: drop what may be stale.
+                if self.epoch.load(Ordering::Acquire) != epoch {
+                    self.invalidate(&key_id);
+                }
+            }
+            None => {
+                if self.negative.len() >= self.settings.negative_capacity {
+                    // Bounded: a flood of random keys costs memory up to here, then starts over.
+                    self.negative.clear();
+                }
+                self.negative
+                    .insert(hash, now.plus_millis(self.settings.negative_ttl_ms));
+            }
+        }
+    }
+
+    /// Forgets everything cached about a key (all its secrets).
+    pub fn invalidate(&self, key_id: &KeyId) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        if let Some((_, hashes)) = self.hashes_by_key.remove(key_id) {
+            for hash in hashes {
+                self.positive.remove(&hash);
+            }
+        }
+    }
+
+    /// Forgets the key that owns `hash`, if it is cached.
+    pub fn invalidate_by_hash(&self, hash: &KeyHash) {
+        let owner = self.positive.get(hash).map(|e| e.key.id.clone());
+        if let Some(key_id) = owner {
+            self.invalidate(&key_id);
+        }
+    }
+
+    /// A hash that now belongs to a key must not linger as unknown.
+    pub fn forget_unknown(&self, hash: &KeyHash) {
+        self.negative.remove(hash);
+    }
+
+    pub fn len(&self) -> (usize, usize) {
+        (self.positive.len(), self.negative.len())
+    }
+}
+
+/// Resolves a hash through the cache; reports hits and misses to the metrics.
+pub async fn resolve(
+    cache: &KeyCache,
+    store: &dyn Store,
+    hash: &KeyHash,
+    now: Timestamp,
+) -> Result<Option<CachedSecret>, keyward_store::StoreError> {
+    match cache.lookup(hash, now) {
+        Lookup::Hit(secret) => {
+            metrics::counter!("keyward_key_cache_hits_total").increment(1);
+            Ok(Some(secret))
+        }
+        Lookup::KnownUnknown => {
+            metrics::counter!("keyward_key_cache_negative_hits_total").increment(1);
+            Ok(None)
+        }
+        Lookup::Miss(epoch) => {
+            metrics::counter!("keyward_key_cache_misses_total").increment(1);
+            let found = store
+                .find_by_hash(hash)
+                .await?
+                .map(|(key, validity)| CachedSecret {
+                    key: Arc::new(key),
+                    validity,
+                });
+            cache.fill(*hash, found.clone(), epoch, now);
+            Ok(found)
+        }
+    }
+}
+
+/// Follows the store's change feed, invalidating changed keys; runs until `stop`.
+pub async fn follow_changes(
+    cache: Arc<KeyCache>,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn keyward_core::Clock>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut seq = 0;
+    let mut ticks: u64 = 0;
+    let mut interval = tokio::time::interval(std::time::Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        match store.key_changes_since(seq).await {
+            Ok((keys, next)) => {
+                for key in &keys {
+                    cache.invalidate(key);
+                }
+                seq = next;
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read the key change feed; cache kept"),
+        }
+        ticks += 1;
+        if ticks.is_multiple_of(1200) {
+            let hour_ago = clock.now().plus_secs(-3600);
+            if let Err(e) = store.prune_key_changes(hour_ago).await {
+                tracing::warn!(error = %e, "cannot prune the key change feed");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keyward_core::ids::{OrgId, ProjectId};
+    use keyward_core::key_format::Environment;
+
+    fn key() -> Arc<ApiKey> {
+        Arc::new(ApiKey {
+            id: KeyId::generate(),
+            org_id: OrgId::generate(),
+            project_id: ProjectId::generate(),
+            name: String::new(),
+            environment: Environment::Live,
+            hint: String::new(),
+            scopes: vec![],
+            expires_at: None,
+            allowed_ips: vec![],
+            blocked_ips: vec![],
+            endpoint: None,
+            quota_requests: 60,
+            quota_window: 60,
+            remaining: None,
+            refill: None,
+            meta: serde_json::Map::new(),
+            created_at: Timestamp::from_millis(0),
+            created_by: String::new(),
+            last_used_at: None,
+            revoked_at: None,
+            previous_valid_until: None,
+        })
+    }
+
+    fn cache(cap: usize) -> KeyCache {
+        KeyCache::new(CacheSettings {
+            negative_capacity: cap,
+            negative_ttl_ms: 1_000,
+        })
+    }
+
+    const NOW: Timestamp = Timestamp::from_millis(10_000);
+
+    #[test]
+    fn fill_hit_invalidate() {
+        let c = cache(10);
+        let h = KeyHash::of(b"a");
+        let Lookup::Miss(epoch) = c.lookup(&h, NOW) else {
+            panic!("expected a miss")
+        };
+        let k = key();
+        c.fill(
+            h,
+            Some(CachedSecret {
+                key: k.clone(),
+                validity: SecretValidity { valid_until: None },
+            }),
+            epoch,
+            NOW,
+        );
+        assert!(matches!(c.lookup(&h, NOW), Lookup::Hit(_)));
+        c.invalidate(&k.id);
+        assert!(matches!(c.lookup(&h, NOW), Lookup::Miss(_)));
+    }
+
+    #[test]
+    fn a_fill_that_raced_an_invalidation_is_dropped() {
+        let c = cache(10);
+        let h = KeyHash::of(b"a");
+        let Lookup::Miss(epoch) = c.lookup(&h, NOW) else {
+            panic!("expected a miss")
+        };
+        let k = key();
+        c.invalidate(&k.id);
+        c.fill(
+            h,
+            Some(CachedSecret {
+                key: k,
+                validity: SecretValidity { valid_until: None },
+            }),
+            epoch,
+            NOW,
+        );
+        assert!(matches!(c.lookup(&h, NOW), Lookup::Miss(_)));
+    }
+
+    #[test]
+    fn negative_entries_expire_and_stay_bounded() {
+        let c = cache(100);
+        for i in 0..1_000u32 {
+            let h = KeyHash::of(&i.to_le_bytes());
+            let Lookup::Miss(epoch) = c.lookup(&h, NOW) else {
+                panic!("expected a miss")
+            };
+            c.fill(h, None, epoch, NOW);
+            assert!(matches!(c.lookup(&h, NOW), Lookup::KnownUnknown));
+        }
+        assert!(c.len().1 <= 100);
+        let h = KeyHash::of(&999u32.to_le_bytes());
+        assert!(matches!(c.lookup(&h, NOW.plus_secs(2)), Lookup::Miss(_)));
+    }
+}

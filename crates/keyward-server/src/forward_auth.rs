@@ -1,0 +1,122 @@
+//! Verification for others: `GET /v1/auth` (nginx `auth_request`, Caddy `forward_auth`,
+//! Traefik `forwardAuth`) and `POST /v1/verify` (services that call keyward themselves).
+
+use std::net::{IpAddr, SocketAddr};
+
+use axum::Json;
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::auth::{authenticate, verify_token};
+use crate::data_plane::{RouteLabel, normalized_path};
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{ApiJson, client_ip};
+use crate::proxy::identity_headers;
+use crate::state::AppState;
+use crate::usage::Outcome;
+
+/// `GET /v1/auth`: 200 with identity headers, or the proxy path's 401/403.
+pub async fn forward_auth(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let ip = client_ip(peer.ip(), &headers, &state.config.server.trusted_proxies);
+    let original_uri = headers
+        .get("x-forwarded-uri")
+        .or_else(|| headers.get("x-original-uri"))
+        .and_then(|v| v.to_str().ok());
+    let route = match original_uri {
+        Some(uri) => {
+            let path = uri.split(['?', '#']).next().unwrap_or(uri);
+            state.routes.find(&normalized_path(path)?)
+        }
+        None => None,
+    };
+    let scopes: &[String] = route.map(|r| r.scopes.as_slice()).unwrap_or_default();
+    let principal = authenticate(&state, &headers, ip, route.map(|r| &*r.name), scopes).await?;
+    state
+        .usage
+        .record(&principal.key.id, Outcome::Allowed, state.clock.now());
+    let mut response = StatusCode::OK.into_response();
+    for (name, value) in identity_headers(&principal) {
+        response.headers_mut().insert(name, value);
+    }
+    if let Some(route) = route {
+        response
+            .extensions_mut()
+            .insert(RouteLabel(route.name.clone()));
+    }
+    Ok(response)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyInput {
+    key: String,
+    /// Name of a configured route: its scopes and the key's endpoint restriction apply.
+    route: Option<String>,
+    /// Further scopes the caller requires.
+    #[serde(default)]
+    scopes: Vec<String>,
+    /// The end client's address, for the key's IP rules (default: the caller's address).
+    ip: Option<IpAddr>,
+}
+
+/// `POST /v1/verify`: always 200 for a well-formed body; `valid` says the verdict.
+pub async fn verify(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    ApiJson(input): ApiJson<VerifyInput>,
+) -> ApiResult<Response> {
+    let route = match input.route.as_deref() {
+        Some(name) => Some(state.config.route(name).ok_or_else(|| {
+            ApiError::validation("route", "`route` must name a configured route.")
+        })?),
+        None => None,
+    };
+    let mut scopes = route.map(|r| r.scopes.clone()).unwrap_or_default();
+    scopes.extend(input.scopes.iter().cloned());
+    let ip = input
+        .ip
+        .unwrap_or_else(|| client_ip(peer.ip(), &headers, &state.config.server.trusted_proxies));
+    let verdict = verify_token(
+        &state,
+        input.key.as_bytes(),
+        ip,
+        route.map(|r| r.name.as_str()),
+        &scopes,
+    )
+    .await;
+    let body = match verdict {
+        Ok(principal) => {
+            state
+                .usage
+                .record(&principal.key.id, Outcome::Allowed, state.clock.now());
+            let key = &principal.key;
+            json!({
+                "valid": true,
+                "code": "VALID",
+                "key_id": key.id,
+                "org_id": key.org_id,
+                "project_id": key.project_id,
+                "scopes": key.scopes,
+                "expires_at": key.expires_at.map(|t| t.to_rfc3339()),
+                // Filled by the rate limiter once it exists.
+                "ratelimit": null,
+                "remaining": key.remaining,
+                "meta": key.meta,
+            })
+        }
+        Err(e) if e.code.status() == 401 || e.code.status() == 403 => {
+            json!({"valid": false, "code": e.code.as_str()})
+        }
+        // Not a verdict on the key (storage down): answered as the error it is.
+        Err(e) => return Err(e),
+    };
+    Ok(Json(body).into_response())
+}
