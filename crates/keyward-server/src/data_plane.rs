@@ -89,7 +89,7 @@ async fn decide_and_forward(
         route,
         principal: &principal,
         upstream_path,
-        client_ip: ip,
+        peer: keyward_core::ip::canonical(peer.ip()),
         peer_trusted: trusted,
         request_id,
     };

@@ -105,7 +105,8 @@ pub struct Forward<'a> {
     pub route: &'a Route,
     pub principal: &'a Principal,
     pub upstream_path: String,
-    pub client_ip: IpAddr,
+    /// The socket peer: what this hop appends to `X-Forwarded-For`.
+    pub peer: IpAddr,
     pub peer_trusted: bool,
     pub request_id: Option<RequestId>,
 }
@@ -126,8 +127,9 @@ fn prepare_headers(state: &AppState, f: &Forward<'_>, headers: &mut HeaderMap) {
     }
     let forwarded_for = HeaderName::from_static("x-forwarded-for");
     let chain = match headers.get(&forwarded_for).and_then(|v| v.to_str().ok()) {
-        Some(existing) if f.peer_trusted => format!("{existing}, {}", f.client_ip),
-        _ => f.client_ip.to_string(),
+        Some(existing) if f.peer_trusted => format!("{existing}, {}", f.peer),
+        // From an untrusted peer a client-sent chain is a claim nobody vouched for.
+        _ => f.peer.to_string(),
     };
     if let Ok(value) = HeaderValue::from_str(&chain) {
         headers.insert(forwarded_for, value);

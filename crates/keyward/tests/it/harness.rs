@@ -99,6 +99,13 @@ impl TestServer {
         Self::start_in(Arc::new(tempfile::tempdir().unwrap()), env).await
     }
 
+    /// Starts with a `keyward.toml` in the data directory.
+    pub async fn start_with_config(toml: &str, env: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("keyward.toml"), toml).unwrap();
+        Self::start_in(Arc::new(dir), env).await
+    }
+
     /// Starts on an existing data directory (a restart).
     pub async fn start_in(dir: Arc<tempfile::TempDir>, env: &[(&str, &str)]) -> Self {
         let mut cmd = Command::new(BIN);
@@ -260,6 +267,34 @@ impl Drop for TestServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// One raw HTTP/1.1 exchange, so that paths reach keyward exactly as written (HTTP clients
+/// normalise `..` and `%2e%2e` themselves). Returns (status, headers and body as text).
+pub async fn raw_http(
+    base: &str,
+    request_line_target: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut req =
+        format!("GET {request_line_target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    stream.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, text)
 }
 
 /// Runs the CLI against a data directory; returns (exit status, stdout, stderr).

@@ -9,8 +9,10 @@
 
 mod bad_input;
 mod cli;
+mod gateway;
 mod harness;
 mod lifecycle;
 mod secrets;
 mod serve;
+mod upstream;
 mod verification;
