@@ -91,6 +91,7 @@ error_codes! {
     RouteNotFound => "route_not_found", NotFound, 404, false, "No route matches this path.";
     // Server side.
     StoreUnavailable => "store_unavailable", Api, 503, true, "Storage is unavailable; try again shortly.";
+    LimiterUnavailable => "limiter_unavailable", Api, 503, true, "The rate limiter is unavailable; try again shortly.";
     UpstreamUnavailable => "upstream_unavailable", Api, 502, true, "The upstream service is unavailable.";
     UpstreamTimeout => "upstream_timeout", Api, 504, true, "The upstream service did not answer in time.";
     InternalError => "internal_error", Api, 500, true, "An internal error occurred.";

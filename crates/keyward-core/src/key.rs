@@ -86,6 +86,8 @@ pub struct ApiKey {
     pub quota_window: u32,
     pub remaining: Option<i64>,
     pub refill: Option<Refill>,
+    /// Bumped each time `remaining`/`refill` is set by a person, not by spending.
+    pub credits_version: i64,
     pub meta: serde_json::Map<String, serde_json::Value>,
     pub created_at: Timestamp,
     pub created_by: String,
@@ -182,6 +184,7 @@ mod tests {
             quota_window: DEFAULT_QUOTA_WINDOW,
             remaining: None,
             refill: None,
+            credits_version: 0,
             meta: serde_json::Map::new(),
             created_at: Timestamp::from_millis(0),
             created_by: "usr_x".into(),

@@ -14,6 +14,7 @@ pub mod ip;
 pub mod key;
 pub mod key_format;
 pub mod path;
+pub mod ratelimit;
 
 pub use clock::{Clock, SystemClock, Timestamp};
 pub use errors::ErrorCode;

@@ -72,6 +72,7 @@ fn trim_spaces(bytes: &[u8]) -> &[u8] {
 pub struct Principal {
     pub key: Arc<ApiKey>,
     pub client_ip: IpAddr,
+    pub org_tier: Arc<str>,
 }
 
 impl Principal {
@@ -119,12 +120,49 @@ pub async fn verify_token(
         Ok(()) => Ok(Principal {
             key: secret.key,
             client_ip,
+            org_tier: secret.org_tier,
         }),
         Err(code) => {
             if let Some(outcome) = Outcome::of(code) {
                 state.usage.record(&secret.key.id, outcome, now);
             }
             Err(ApiError::new(code))
+        }
+    }
+}
+
+/// What an admitted request carries forward.
+#[derive(Debug, Default)]
+pub struct Admission {
+    /// Rate-limit headers every authenticated answer gets.
+    pub headers: axum::http::HeaderMap,
+    /// Live credits left, for keys with credits.
+    pub credits_remaining: Option<i64>,
+}
+
+/// Steps 6 and 7: limits and credits for an authenticated request of `cost` units. Counts the
+/// outcome in the key's usage.
+pub async fn admit(state: &AppState, principal: &Principal, cost: u32) -> ApiResult<Admission> {
+    let now = state.clock.now();
+    let plan = state
+        .limiter
+        .plan(&principal.key, &principal.org_tier, cost);
+    let report = state.limiter.decide(&plan, now).await?;
+    let headers = report.headers(state.config.ratelimit.draft_headers);
+    match report.error() {
+        None => {
+            state.usage.record(&principal.key.id, Outcome::Allowed, now);
+            Ok(Admission {
+                headers,
+                credits_remaining: report.credits_remaining,
+            })
+        }
+        Some(mut error) => {
+            state
+                .usage
+                .record(&principal.key.id, Outcome::RateLimited, now);
+            error.headers = Some(Box::new(headers));
+            Err(error)
         }
     }
 }

@@ -19,11 +19,12 @@ use keyward_core::key::{ApiKey, SecretValidity};
 use keyward_core::key_format::KeyHash;
 use keyward_store::Store;
 
-/// A cached secret: the key it belongs to and how long this secret is valid.
+/// A cached secret: the key it belongs to, how long this secret is valid, the org's tier.
 #[derive(Debug, Clone)]
 pub struct CachedSecret {
     pub key: Arc<ApiKey>,
     pub validity: SecretValidity,
+    pub org_tier: Arc<str>,
 }
 
 /// Uses the first 8 bytes of a SHA-256 as the hash.
@@ -175,13 +176,11 @@ pub async fn resolve(
         }
         Lookup::Miss(epoch) => {
             metrics::counter!("keyward_key_cache_misses_total").increment(1);
-            let found = store
-                .find_by_hash(hash)
-                .await?
-                .map(|(key, validity)| CachedSecret {
-                    key: Arc::new(key),
-                    validity,
-                });
+            let found = store.find_by_hash(hash).await?.map(|found| CachedSecret {
+                key: Arc::new(found.key),
+                validity: found.validity,
+                org_tier: Arc::from(found.org_tier),
+            });
             cache.fill(*hash, found.clone(), epoch, now);
             Ok(found)
         }
@@ -245,6 +244,7 @@ mod tests {
             quota_window: 60,
             remaining: None,
             refill: None,
+            credits_version: 0,
             meta: serde_json::Map::new(),
             created_at: Timestamp::from_millis(0),
             created_by: String::new(),
@@ -276,6 +276,7 @@ mod tests {
             Some(CachedSecret {
                 key: k.clone(),
                 validity: SecretValidity { valid_until: None },
+                org_tier: Arc::from("free"),
             }),
             epoch,
             NOW,
@@ -299,6 +300,7 @@ mod tests {
             Some(CachedSecret {
                 key: k,
                 validity: SecretValidity { valid_until: None },
+                org_tier: Arc::from("free"),
             }),
             epoch,
             NOW,

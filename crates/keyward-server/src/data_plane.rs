@@ -10,12 +10,11 @@ use keyward_core::ErrorCode;
 use keyward_core::ids::RequestId;
 use keyward_core::path;
 
-use crate::auth::authenticate;
+use crate::auth::{admit, authenticate};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::client_ip;
 use crate::proxy::{self, Forward};
 use crate::state::AppState;
-use crate::usage::Outcome;
 
 /// The route a response belongs to, for metrics.
 #[derive(Debug, Clone)]
@@ -75,10 +74,7 @@ async fn decide_and_forward(
     );
     let principal =
         authenticate(state, req.headers(), ip, Some(&route.name), &route.scopes).await?;
-    // Steps 6 and 7 (rate limits, credits) plug in here.
-    state
-        .usage
-        .record(&principal.key.id, Outcome::Allowed, state.clock.now());
+    let admission = admit(state, &principal, route.cost).await?;
     let upstream_path = if route.strip_prefix {
         path::strip(&route.prefix, &path)
     } else {
@@ -93,5 +89,7 @@ async fn decide_and_forward(
         peer_trusted: trusted,
         request_id,
     };
-    Ok(proxy::forward(state, forward, req).await)
+    let mut response = proxy::forward(state, forward, req).await;
+    response.headers_mut().extend(admission.headers);
+    Ok(response)
 }

@@ -27,6 +27,8 @@ pub struct ApiError {
     pub retry_after: Option<u64>,
     /// What went wrong inside, for the log only; clients never see it.
     pub cause: Option<String>,
+    /// Headers the error response carries (rate-limit headers on a 429).
+    pub headers: Option<Box<axum::http::HeaderMap>>,
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
@@ -39,6 +41,7 @@ impl ApiError {
             param: None,
             retry_after: None,
             cause: None,
+            headers: None,
         }
     }
 
@@ -229,6 +232,11 @@ impl ErrorRenderer {
         }
         if let Some(secs) = error.retry_after {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let Some(extra) = &error.headers {
+            for (name, value) in extra.iter() {
+                headers.insert(name.clone(), value.clone());
+            }
         }
         response
     }

@@ -10,13 +10,12 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::auth::{authenticate, verify_token};
+use crate::auth::{admit, authenticate, verify_token};
 use crate::data_plane::{RouteLabel, normalized_path};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiJson, client_ip};
 use crate::proxy::identity_headers;
 use crate::state::AppState;
-use crate::usage::Outcome;
 
 /// `GET /v1/auth`: 200 with identity headers, or the proxy path's 401/403.
 pub async fn forward_auth(
@@ -38,10 +37,10 @@ pub async fn forward_auth(
     };
     let scopes: &[String] = route.map(|r| r.scopes.as_slice()).unwrap_or_default();
     let principal = authenticate(&state, &headers, ip, route.map(|r| &*r.name), scopes).await?;
-    state
-        .usage
-        .record(&principal.key.id, Outcome::Allowed, state.clock.now());
+    let cost = route.map(|r| r.cost).unwrap_or(1);
+    let admission = admit(&state, &principal, cost).await?;
     let mut response = StatusCode::OK.into_response();
+    response.headers_mut().extend(admission.headers);
     for (name, value) in identity_headers(&principal) {
         response.headers_mut().insert(name, value);
     }
@@ -92,11 +91,23 @@ pub async fn verify(
         &scopes,
     )
     .await;
+    let cost = route.map(|r| r.cost).unwrap_or(1);
+    let (verdict, limit_headers) = match verdict {
+        Ok(principal) => match admit(&state, &principal, cost).await {
+            Ok(admission) => (
+                Ok((principal, admission.credits_remaining)),
+                admission.headers,
+            ),
+            Err(mut e) => {
+                let headers = e.headers.take().map(|h| *h).unwrap_or_default();
+                (Err(e), headers)
+            }
+        },
+        Err(e) => (Err(e), HeaderMap::new()),
+    };
+    let ratelimit = ratelimit_object(&limit_headers);
     let body = match verdict {
-        Ok(principal) => {
-            state
-                .usage
-                .record(&principal.key.id, Outcome::Allowed, state.clock.now());
+        Ok((principal, credits_remaining)) => {
             let key = &principal.key;
             json!({
                 "valid": true,
@@ -106,17 +117,45 @@ pub async fn verify(
                 "project_id": key.project_id,
                 "scopes": key.scopes,
                 "expires_at": key.expires_at.map(|t| t.to_rfc3339()),
-                // Filled by the rate limiter once it exists.
-                "ratelimit": null,
-                "remaining": key.remaining,
+                "ratelimit": ratelimit,
+                "remaining": credits_remaining,
                 "meta": key.meta,
             })
         }
-        Err(e) if e.code.status() == 401 || e.code.status() == 403 => {
-            json!({"valid": false, "code": e.code.as_str()})
+        Err(e) if matches!(e.code.status(), 401 | 403 | 429) => {
+            let mut body = json!({"valid": false, "code": e.code.as_str()});
+            if e.code.status() == 429 {
+                body["ratelimit"] = ratelimit;
+                if let Some(secs) = e.retry_after {
+                    body["retry_after"] = json!(secs);
+                }
+            }
+            body
         }
         // Not a verdict on the key (storage down): answered as the error it is.
         Err(e) => return Err(e),
     };
-    Ok(Json(body).into_response())
+    let mut response = Json(body).into_response();
+    response.headers_mut().extend(limit_headers);
+    Ok(response)
+}
+
+/// `{"limit", "remaining", "reset"}` from the rate-limit headers, or null.
+fn ratelimit_object(headers: &HeaderMap) -> serde_json::Value {
+    let number = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    match (
+        number("x-ratelimit-limit"),
+        number("x-ratelimit-remaining"),
+        number("x-ratelimit-reset"),
+    ) {
+        (Some(limit), Some(remaining), Some(reset)) => {
+            json!({"limit": limit, "remaining": remaining, "reset": reset})
+        }
+        _ => serde_json::Value::Null,
+    }
 }

@@ -11,6 +11,7 @@ pub mod error;
 pub mod extract;
 pub mod forward_auth;
 pub mod lifecycle;
+pub mod limits;
 pub mod metrics;
 pub mod middleware;
 pub mod proxy;

@@ -370,6 +370,7 @@ pub async fn create_key(
         quota_window,
         remaining: input.remaining,
         refill: input.refill,
+        credits_version: 0,
         meta,
         created_at: now,
         created_by: actor.id.clone(),
@@ -465,6 +466,10 @@ pub async fn update_key(
         changed.push("refill");
     }
     validate_credits(key.remaining, key.refill.as_ref())?;
+    if changed.contains(&"remaining") || changed.contains(&"refill") {
+        // Rate-limit backends holding the live count start over from the new value.
+        key.credits_version += 1;
+    }
     if let Some(meta) = input.meta {
         key.meta = validate_meta(meta)?;
         changed.push("meta");

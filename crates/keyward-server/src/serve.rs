@@ -15,6 +15,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::watch;
 
 use crate::config::Config;
+use crate::limits::LimitBackend;
 use crate::state::AppState;
 use crate::{app, bootstrap, internal_app};
 
@@ -172,12 +173,23 @@ pub fn run(config: Config) -> Result<(), BoxError> {
     Ok(())
 }
 
+/// Writes usage counts and live credit counts; drops idle limiter state.
 async fn flush_usage(state: &AppState) {
-    match state.usage.flush(&*state.store, state.clock.now()).await {
+    let now = state.clock.now();
+    match state.usage.flush(&*state.store, now).await {
         Ok(0) => {}
         Ok(rows) => tracing::debug!(rows, "usage written"),
         Err(e) => tracing::warn!(error = %e, "cannot write usage; kept in memory for the next try"),
     }
+    let mut credits = state.limiter.backend().dirty_credits();
+    credits.extend(state.limiter.local().dirty_credits());
+    if !credits.is_empty()
+        && let Err(e) = state.store.store_credits(&credits).await
+    {
+        tracing::warn!(error = %e, "cannot write credit counts; the limiter keeps them");
+    }
+    state.limiter.backend().evict_idle(now);
+    state.limiter.local().evict_idle(now);
 }
 
 async fn flush_usage_periodically(state: AppState, stop: watch::Receiver<bool>) {

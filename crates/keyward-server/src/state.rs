@@ -6,6 +6,7 @@ use keyward_store::Store;
 use crate::cache::{CacheSettings, KeyCache};
 use crate::config::Config;
 use crate::error::ErrorRenderer;
+use crate::limits::Limiter;
 use crate::routes::RouteTable;
 use crate::usage::UsageRecorder;
 
@@ -19,6 +20,7 @@ pub struct AppState {
     pub keys: Arc<KeyCache>,
     pub usage: Arc<UsageRecorder>,
     pub routes: Arc<RouteTable>,
+    pub limiter: Arc<Limiter>,
 }
 
 impl AppState {
@@ -30,6 +32,7 @@ impl AppState {
                 .unwrap_or(i64::MAX),
         }));
         let routes = Arc::new(RouteTable::new(&config.routes));
+        let limiter = Arc::new(Limiter::new(None, config.ratelimit.clone()));
         Self {
             config: Arc::new(config),
             store,
@@ -38,6 +41,13 @@ impl AppState {
             keys,
             usage: Arc::new(UsageRecorder::default()),
             routes,
+            limiter,
         }
+    }
+
+    /// Uses a shared rate-limit backend (Redis) instead of this node's memory.
+    pub fn with_limit_backend(mut self, backend: Arc<dyn crate::limits::LimitBackend>) -> Self {
+        self.limiter = Arc::new(Limiter::new(Some(backend), self.config.ratelimit.clone()));
+        self
     }
 }

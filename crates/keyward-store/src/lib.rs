@@ -176,6 +176,14 @@ pub enum RevokeOutcome {
     AlreadyRevoked,
 }
 
+/// What the data plane needs to know about a secret.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyLookup {
+    pub key: ApiKey,
+    pub validity: SecretValidity,
+    pub org_tier: String,
+}
+
 /// The first organisation, project and management key of an empty store.
 #[derive(Debug, Clone)]
 pub struct Bootstrap {
@@ -239,7 +247,10 @@ pub trait Store: Send + Sync + 'static {
         audit: &AuditEntry,
     ) -> StoreResult<RevokeOutcome>;
     /// Resolves a secret's hash to its key, whatever the key's state.
-    async fn find_by_hash(&self, hash: &KeyHash) -> StoreResult<Option<(ApiKey, SecretValidity)>>;
+    async fn find_by_hash(&self, hash: &KeyHash) -> StoreResult<Option<KeyLookup>>;
+    /// Writes back live credit counts `(key, credits_version, remaining)`; a count whose
+    /// version is no longer the key's (a person set new credits meanwhile) is dropped.
+    async fn store_credits(&self, credits: &[(KeyId, i64, i64)]) -> StoreResult<()>;
     /// Revokes every live key among `hashes`, auditing each in its own organisation with
     /// `actor`; returns how many were revoked.
     async fn revoke_leaked(

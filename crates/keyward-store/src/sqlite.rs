@@ -14,8 +14,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool, sqlite::SqliteRow};
 
 use crate::{
-    AuditEntry, Bootstrap, KeyFilter, Org, Page, PageRequest, Project, RevokeOutcome, Role,
-    Rotation, Store, StoreError, StoreResult, UsageCounts, UsageRow, User,
+    AuditEntry, Bootstrap, KeyFilter, KeyLookup, Org, Page, PageRequest, Project, RevokeOutcome,
+    Role, Rotation, Store, StoreError, StoreResult, UsageCounts, UsageRow, User,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -116,6 +116,7 @@ fn key_from_row(row: &SqliteRow) -> StoreResult<ApiKey> {
         quota_window: u32::try_from(get_i("quota_window")?).map_err(|_| corrupt("quota_window"))?,
         remaining: get_oi("remaining")?,
         refill: refill.map(|r| from_json("refill", &r)).transpose()?,
+        credits_version: get_i("credits_version")?,
         meta: from_json("meta", &get_s("meta")?)?,
         created_at: Timestamp::from_millis(get_i("created_at")?),
         created_by: get_s("created_by")?,
@@ -197,8 +198,8 @@ where
 
 const INSERT_KEY: &str = "INSERT INTO api_keys (id, org_id, project_id, name, environment, hint, scopes, \
      expires_at, allowed_ips, blocked_ips, endpoint, quota_requests, quota_window, remaining, refill, \
-     meta, created_at, created_by, last_used_at, revoked_at, previous_valid_until) \
-     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+     meta, created_at, created_by, last_used_at, revoked_at, previous_valid_until, credits_version) \
+     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
 
 async fn insert_key<'c, E>(executor: E, key: &ApiKey) -> StoreResult<()>
 where
@@ -226,6 +227,7 @@ where
         .bind(key.last_used_at.map(Timestamp::as_millis))
         .bind(key.revoked_at.map(Timestamp::as_millis))
         .bind(key.previous_valid_until.map(Timestamp::as_millis))
+        .bind(key.credits_version)
         .execute(executor)
         .await
         .map_err(map_err)?;
@@ -490,8 +492,8 @@ impl Store for SqliteStore {
         let mut tx = self.pool.begin().await.map_err(map_err)?;
         let updated = sqlx::query(
             "UPDATE api_keys SET name = ?, expires_at = ?, allowed_ips = ?, blocked_ips = ?, \
-             endpoint = ?, quota_requests = ?, quota_window = ?, remaining = ?, refill = ?, meta = ? \
-             WHERE org_id = ? AND id = ? AND revoked_at IS NULL",
+             endpoint = ?, quota_requests = ?, quota_window = ?, remaining = ?, refill = ?, meta = ?, \
+             credits_version = ? WHERE org_id = ? AND id = ? AND revoked_at IS NULL",
         )
         .bind(key.name.clone())
         .bind(key.expires_at.map(Timestamp::as_millis))
@@ -503,6 +505,7 @@ impl Store for SqliteStore {
         .bind(key.remaining)
         .bind(key.refill.as_ref().map(to_json).transpose()?)
         .bind(to_json(&key.meta)?)
+        .bind(key.credits_version)
         .bind(key.org_id.as_str().to_owned())
         .bind(key.id.as_str().to_owned())
         .execute(&mut *tx)
@@ -610,10 +613,10 @@ impl Store for SqliteStore {
         Ok(RevokeOutcome::Revoked)
     }
 
-    async fn find_by_hash(&self, hash: &KeyHash) -> StoreResult<Option<(ApiKey, SecretValidity)>> {
+    async fn find_by_hash(&self, hash: &KeyHash) -> StoreResult<Option<KeyLookup>> {
         let row = sqlx::query(
-            "SELECT k.*, s.valid_until AS secret_valid_until FROM key_secrets s \
-             JOIN api_keys k ON k.id = s.key_id WHERE s.hash = ?",
+            "SELECT k.*, s.valid_until AS secret_valid_until, o.tier AS org_tier FROM key_secrets s \
+             JOIN api_keys k ON k.id = s.key_id JOIN orgs o ON o.id = k.org_id WHERE s.hash = ?",
         )
         .bind(hash.as_bytes().to_vec())
         .fetch_optional(&self.pool)
@@ -621,12 +624,29 @@ impl Store for SqliteStore {
         .map_err(map_err)?;
         let Some(row) = row else { return Ok(None) };
         let valid_until: Option<i64> = row.try_get("secret_valid_until").map_err(map_err)?;
-        Ok(Some((
-            key_from_row(&row)?,
-            SecretValidity {
+        Ok(Some(KeyLookup {
+            key: key_from_row(&row)?,
+            validity: SecretValidity {
                 valid_until: ts(valid_until),
             },
-        )))
+            org_tier: row.try_get("org_tier").map_err(map_err)?,
+        }))
+    }
+
+    async fn store_credits(&self, credits: &[(KeyId, i64, i64)]) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        for (key_id, version, remaining) in credits {
+            sqlx::query(
+                "UPDATE api_keys SET remaining = ? WHERE id = ? AND credits_version = ? AND remaining IS NOT NULL",
+            )
+            .bind(*remaining)
+            .bind(key_id.as_str().to_owned())
+            .bind(*version)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        tx.commit().await.map_err(map_err)
     }
 
     async fn revoke_leaked(

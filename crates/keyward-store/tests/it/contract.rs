@@ -41,6 +41,7 @@ fn key(org: &OrgId, project: &ProjectId) -> ApiKey {
         quota_window: 60,
         remaining: Some(5),
         refill: None,
+        credits_version: 0,
         meta: serde_json::Map::from_iter([("team".to_owned(), serde_json::json!("ml"))]),
         created_at: T0,
         created_by: "cli".into(),
@@ -129,7 +130,12 @@ pub async fn bootstrap_happens_once(store: Arc<dyn Store>) {
         .find_by_hash(&hash(1))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(found, Some((k, SecretValidity { valid_until: None })));
+    assert_eq!(found.as_ref().map(|f| &f.key), Some(&k));
+    assert_eq!(
+        found.as_ref().map(|f| f.validity),
+        Some(SecretValidity { valid_until: None })
+    );
+    assert_eq!(found.map(|f| f.org_tier).as_deref(), Some("free"));
 }
 
 pub async fn key_lifecycle(store: Arc<dyn Store>) {
@@ -254,7 +260,7 @@ pub async fn rotation_keeps_at_most_two_live_secrets(store: Arc<dyn Store>) {
                 .find_by_hash(&hash(h))
                 .await
                 .unwrap_or_else(|e| panic!("{e}"))
-                .map(|(_, v)| v.valid_until)
+                .map(|f| f.validity.valid_until)
         }
     };
     assert_eq!(validity(1).await, Some(Some(t1.plus_secs(100))));

@@ -12,6 +12,7 @@ mod cli;
 mod gateway;
 mod harness;
 mod lifecycle;
+mod limits;
 mod secrets;
 mod serve;
 mod upstream;

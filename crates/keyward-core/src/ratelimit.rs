@@ -1,0 +1,289 @@
+//! Exact rolling-window limits: at most `limit` units in **any** span of `window` ms.
+//!
+//! A [`SlidingLog`] remembers when each admitted unit was spent (runs of units spent in the
+//! same millisecond share one entry), so the decision is exact: nothing is admitted that
+//! would put more than `limit` units into any window, and nothing is refused while the window
+//! has room. A unit spent at `t` counts for every `now` with `t > now - window`, i.e. it frees
+//! up exactly at `t + window`, which is what `retry_after` reports.
+//!
+//! Several limits are decided together by [`decide`]: all are charged or none.
+
+use std::collections::VecDeque;
+
+/// One limit: `limit` units per rolling `window_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    pub limit: u64,
+    pub window_ms: i64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SlidingLog {
+    /// (time in ms, units), oldest first.
+    entries: VecDeque<(i64, u64)>,
+    used: u64,
+}
+
+/// What one limit says about a request of `cost` units at `now`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    pub allowed: bool,
+    pub limit: u64,
+    /// Units left after this request (if allowed) or now (if refused).
+    pub remaining: u64,
+    /// Milliseconds until more capacity frees up (0 when the window is empty).
+    pub reset_ms: i64,
+    /// When refused: milliseconds until a request of this cost fits.
+    pub retry_after_ms: Option<i64>,
+    pub window_ms: i64,
+}
+
+impl SlidingLog {
+    fn evict(&mut self, now: i64, window_ms: i64) {
+        while let Some(&(t, units)) = self.entries.front() {
+            if t > now - window_ms {
+                break;
+            }
+            self.entries.pop_front();
+            self.used -= units;
+        }
+    }
+
+    /// Milliseconds until at least `needed` units have left the window.
+    fn time_until_freed(&self, needed: u64, now: i64, window_ms: i64) -> i64 {
+        let mut freed = 0;
+        for &(t, units) in &self.entries {
+            freed += units;
+            if freed >= needed {
+                return (t + window_ms - now).max(0);
+            }
+        }
+        0
+    }
+
+    /// Evaluates without charging.
+    pub fn check(&mut self, limit: Limit, cost: u64, now: i64) -> Verdict {
+        self.evict(now, limit.window_ms);
+        let fits = self.used + cost <= limit.limit;
+        let (remaining, retry_after_ms) = if fits {
+            (limit.limit - self.used - cost, None)
+        } else if cost > limit.limit {
+            // Can never fit: report the full window, the honest lower bound.
+            (limit.limit.saturating_sub(self.used), Some(limit.window_ms))
+        } else {
+            let needed = self.used + cost - limit.limit;
+            (
+                limit.limit.saturating_sub(self.used),
+                Some(self.time_until_freed(needed, now, limit.window_ms)),
+            )
+        };
+        let reset_ms = match self.entries.front() {
+            Some(&(t, _)) => (t + limit.window_ms - now).max(0),
+            None if fits && cost > 0 => limit.window_ms,
+            None => 0,
+        };
+        Verdict {
+            allowed: fits,
+            limit: limit.limit,
+            remaining,
+            reset_ms: retry_after_ms.unwrap_or(reset_ms),
+            retry_after_ms,
+            window_ms: limit.window_ms,
+        }
+    }
+
+    /// Charges `cost` units at `now` (after a positive [`check`](Self::check)).
+    pub fn charge(&mut self, cost: u64, now: i64) {
+        if cost == 0 {
+            return;
+        }
+        match self.entries.back_mut() {
+            Some((t, units)) if *t == now => *units += cost,
+            _ => self.entries.push_back((now, cost)),
+        }
+        self.used += cost;
+    }
+
+    pub fn used(&self) -> u64 {
+        self.used
+    }
+
+    /// True when nothing is in the window any more: the state can be dropped.
+    pub fn is_idle(&mut self, now: i64, window_ms: i64) -> bool {
+        self.evict(now, window_ms);
+        self.entries.is_empty()
+    }
+}
+
+/// Decides several limits at once; charges all of them or none.
+pub fn decide(logs: &mut [(&mut SlidingLog, Limit)], cost: u64, now: i64) -> (bool, Vec<Verdict>) {
+    let verdicts: Vec<Verdict> = logs
+        .iter_mut()
+        .map(|(log, limit)| log.check(*limit, cost, now))
+        .collect();
+    let allowed = verdicts.iter().all(|v| v.allowed);
+    if allowed {
+        for (log, _) in logs.iter_mut() {
+            log.charge(cost, now);
+        }
+    }
+    (allowed, verdicts)
+}
+
+/// Which verdict the headers report: when refused, the refusal that lasts longest (waiting
+/// for it is waiting for all); when allowed, the one with the fewest units left.
+pub fn binding(verdicts: &[Verdict]) -> Option<usize> {
+    let refused = verdicts
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| !v.allowed)
+        .max_by_key(|(_, v)| v.retry_after_ms.unwrap_or(0));
+    if let Some((i, _)) = refused {
+        return Some(i);
+    }
+    verdicts
+        .iter()
+        .enumerate()
+        .min_by_key(|(_, v)| (v.remaining, v.limit))
+        .map(|(i, _)| i)
+}
+
+/// Credits refill: which refill period `now` falls in. When it differs from the period the
+/// credit state was last refilled in, the credits are reset to the refill amount.
+pub fn refill_period(interval: &crate::key::RefillInterval, now_ms: i64) -> i64 {
+    use crate::key::{NamedInterval, RefillInterval};
+    match interval {
+        RefillInterval::Named(NamedInterval::Daily) => now_ms.div_euclid(86_400_000),
+        RefillInterval::Named(NamedInterval::Monthly) => {
+            let nanos = i128::from(now_ms) * 1_000_000;
+            match time::OffsetDateTime::from_unix_timestamp_nanos(nanos) {
+                Ok(t) => i64::from(t.year()) * 12 + i64::from(u8::from(t.month())) - 1,
+                Err(_) => 0,
+            }
+        }
+        RefillInterval::Seconds(secs) => now_ms.div_euclid(i64::from((*secs).max(1)) * 1000),
+    }
+}
+
+/// Whole seconds for headers: never less than the exact wait.
+pub fn ceil_secs(ms: i64) -> u64 {
+    u64::try_from(ms.max(0)).unwrap_or(0).div_ceil(1000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const L: Limit = Limit {
+        limit: 3,
+        window_ms: 1_000,
+    };
+
+    #[test]
+    fn exact_at_the_edges() {
+        let mut log = SlidingLog::default();
+        for t in [0, 10, 20] {
+            assert!(log.check(L, 1, t).allowed);
+            log.charge(1, t);
+        }
+        let refused = log.check(L, 1, 999);
+        assert!(!refused.allowed);
+        assert_eq!(refused.retry_after_ms, Some(1));
+        assert_eq!(refused.remaining, 0);
+        // The unit spent at 0 frees up at exactly 1000.
+        assert!(log.check(L, 1, 1_000).allowed);
+        // A cost of 2 must wait for two units.
+        let two = log.check(L, 2, 1_000);
+        assert_eq!(two.retry_after_ms, Some(10));
+        // More than the limit never fits.
+        assert!(!log.check(L, 4, 5_000).allowed);
+    }
+
+    #[test]
+    fn combined_limits_charge_all_or_none() {
+        let mut key = SlidingLog::default();
+        let mut org = SlidingLog::default();
+        let key_limit = Limit {
+            limit: 5,
+            window_ms: 1_000,
+        };
+        let org_limit = Limit {
+            limit: 2,
+            window_ms: 10_000,
+        };
+        for t in 0..2 {
+            let (ok, _) = decide(&mut [(&mut key, key_limit), (&mut org, org_limit)], 1, t);
+            assert!(ok);
+        }
+        let (ok, verdicts) = decide(&mut [(&mut key, key_limit), (&mut org, org_limit)], 1, 2);
+        assert!(!ok);
+        assert_eq!(
+            key.used(),
+            2,
+            "the key limit was not charged for a refused request"
+        );
+        assert_eq!(binding(&verdicts), Some(1));
+        assert_eq!(verdicts[1].retry_after_ms, Some(9_998));
+    }
+
+    #[test]
+    fn refill_periods() {
+        use crate::key::{NamedInterval, RefillInterval};
+        let day = RefillInterval::Named(NamedInterval::Daily);
+        assert_eq!(refill_period(&day, 86_399_999), 0);
+        assert_eq!(refill_period(&day, 86_400_000), 1);
+        let month = RefillInterval::Named(NamedInterval::Monthly);
+        // 2026-01-31T23:59:59.999Z and 2026-02-01T00:00:00Z
+        assert_eq!(
+            refill_period(&month, 1_769_903_999_999) + 1,
+            refill_period(&month, 1_769_904_000_000)
+        );
+        assert_eq!(refill_period(&RefillInterval::Seconds(10), 19_999), 1);
+    }
+
+    /// The reference: count every admitted unit in (now - window, now] by brute force.
+    fn units_in_window(admitted: &[(i64, u64)], now: i64, window: i64) -> u64 {
+        admitted
+            .iter()
+            .filter(|(t, _)| *t > now - window && *t <= now)
+            .map(|(_, c)| c)
+            .sum()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        #[test]
+        fn never_over_the_limit_and_never_refused_with_room(
+            limit in 1u64..20,
+            window in 1i64..5_000,
+            gaps in prop::collection::vec((0i64..700, 1u64..4), 1..300),
+        ) {
+            let lim = Limit { limit, window_ms: window };
+            let mut log = SlidingLog::default();
+            let mut admitted: Vec<(i64, u64)> = vec![];
+            let mut now = 0;
+            for (gap, cost) in gaps {
+                now += gap;
+                let before = units_in_window(&admitted, now, window);
+                let v = log.check(lim, cost, now);
+                // Allowed exactly when the brute-force count has room.
+                prop_assert_eq!(v.allowed, before + cost <= limit);
+                if v.allowed {
+                    log.charge(cost, now);
+                    admitted.push((now, cost));
+                    prop_assert_eq!(v.remaining, limit - before - cost);
+                } else if cost <= limit {
+                    // Waiting exactly retry_after is enough, and a millisecond less is not.
+                    let wait = v.retry_after_ms.unwrap_or(0);
+                    prop_assert!(units_in_window(&admitted, now + wait, window) + cost <= limit);
+                    if wait > 0 {
+                        prop_assert!(units_in_window(&admitted, now + wait - 1, window) + cost > limit);
+                    }
+                }
+                // The fullest windows end at an admission; each is checked when it happens.
+                prop_assert!(units_in_window(&admitted, now, window) <= limit);
+            }
+        }
+    }
+}

@@ -1,0 +1,467 @@
+//! Steps 6 and 7 of the decision order: per-key quota, organisation tier limits (per minute,
+//! per hour) and credits, decided together — all charged or none — by a backend: `memory`
+//! (this node) or `redis` (every node, one round trip). Headers report the binding limit.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use dashmap::DashMap;
+use keyward_core::ids::{KeyId, OrgId};
+use keyward_core::key::{ApiKey, Refill};
+use keyward_core::ratelimit::{self, Limit, SlidingLog, Verdict, ceil_secs};
+use keyward_core::{ErrorCode, Timestamp};
+use std::sync::Mutex;
+
+use crate::config::{OnBackendError, RateLimitConfig, Tier};
+use crate::error::ApiError;
+
+/// The limits that apply to one request, in reporting order.
+#[derive(Debug, Clone)]
+pub struct LimitPlan {
+    pub key_id: KeyId,
+    pub org_id: OrgId,
+    pub limits: Vec<(Policy, Limit)>,
+    pub cost: u64,
+    pub credits: Option<CreditPlan>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    Key,
+    OrgMinute,
+    OrgHour,
+}
+
+impl Policy {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Key => "key",
+            Self::OrgMinute => "org-minute",
+            Self::OrgHour => "org-hour",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CreditPlan {
+    /// What storage says, used when the backend holds no state of this version yet.
+    pub stored_remaining: i64,
+    pub version: i64,
+    pub refill: Option<Refill>,
+}
+
+/// A backend's answer.
+#[derive(Debug, Clone)]
+pub struct LimitReport {
+    /// `None`: allowed. Otherwise `rate_limit_exceeded` or `usage_exhausted`.
+    pub refused: Option<ErrorCode>,
+    pub verdicts: Vec<(Policy, Verdict)>,
+    /// Credits left after this request (if it has credits).
+    pub credits_remaining: Option<i64>,
+}
+
+impl LimitReport {
+    pub fn binding(&self) -> Option<&(Policy, Verdict)> {
+        let verdicts: Vec<Verdict> = self.verdicts.iter().map(|(_, v)| *v).collect();
+        ratelimit::binding(&verdicts).and_then(|i| self.verdicts.get(i))
+    }
+
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self.refused {
+            Some(ErrorCode::RateLimitExceeded) => self
+                .binding()
+                .and_then(|(_, v)| v.retry_after_ms)
+                .map(ceil_secs),
+            _ => None,
+        }
+    }
+
+    /// `X-RateLimit-*` for the binding limit, and the IETF draft fields when enabled
+    /// (draft-ietf-httpapi-ratelimit-headers: `RateLimit-Policy` lists every policy,
+    /// `RateLimit` reports the binding one).
+    pub fn headers(&self, draft: bool) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        let Some((policy, v)) = self.binding() else {
+            return h;
+        };
+        h.insert("x-ratelimit-limit", HeaderValue::from(v.limit));
+        h.insert("x-ratelimit-remaining", HeaderValue::from(v.remaining));
+        h.insert(
+            "x-ratelimit-reset",
+            HeaderValue::from(ceil_secs(v.reset_ms)),
+        );
+        if draft {
+            let policies = self
+                .verdicts
+                .iter()
+                .map(|(p, v)| {
+                    format!(
+                        "\"{}\";q={};w={}",
+                        p.name(),
+                        v.limit,
+                        ceil_secs(v.window_ms)
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            let current = format!(
+                "\"{}\";r={};t={}",
+                policy.name(),
+                v.remaining,
+                ceil_secs(v.reset_ms)
+            );
+            if let Ok(value) = HeaderValue::from_str(&policies) {
+                h.insert(HeaderName::from_static("ratelimit-policy"), value);
+            }
+            if let Ok(value) = HeaderValue::from_str(&current) {
+                h.insert(HeaderName::from_static("ratelimit"), value);
+            }
+        }
+        if let Some(secs) = self.retry_after_secs() {
+            h.insert(axum::http::header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        h
+    }
+
+    /// The 429 for a refused request, with `retry_after` in the body when retrying helps.
+    pub fn error(&self) -> Option<ApiError> {
+        let code = self.refused?;
+        let mut error = ApiError::new(code);
+        if let Some(secs) = self.retry_after_secs() {
+            error.retry_after = Some(secs);
+            error = error.with_message(format!("Too many requests. Retry after {secs} seconds."));
+        }
+        Some(error)
+    }
+}
+
+/// A refused request consumes nothing: report what is left without it.
+pub fn uncharged(verdicts: Vec<(Policy, Verdict)>, cost: u64) -> Vec<(Policy, Verdict)> {
+    verdicts
+        .into_iter()
+        .map(|(p, mut v)| {
+            if v.allowed {
+                v.remaining = (v.remaining + cost).min(v.limit);
+            }
+            (p, v)
+        })
+        .collect()
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("rate-limit backend: {0}")]
+pub struct BackendError(pub String);
+
+#[async_trait]
+pub trait LimitBackend: Send + Sync + 'static {
+    async fn decide(&self, plan: &LimitPlan, now: Timestamp) -> Result<LimitReport, BackendError>;
+    /// Live credit counts that changed since the last call: `(key, version, remaining)`.
+    fn dirty_credits(&self) -> Vec<(KeyId, i64, i64)>;
+    /// Drops state nobody needs any more.
+    fn evict_idle(&self, now: Timestamp);
+}
+
+/// Credits as a backend holds them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CreditState {
+    pub version: i64,
+    pub remaining: i64,
+    pub period: Option<i64>,
+    pub dirty: bool,
+}
+
+impl CreditState {
+    fn load(plan: &CreditPlan, now: Timestamp) -> Self {
+        Self {
+            version: plan.version,
+            remaining: plan.stored_remaining,
+            period: plan
+                .refill
+                .as_ref()
+                .map(|r| ratelimit::refill_period(&r.interval, now.as_millis())),
+            dirty: false,
+        }
+    }
+
+    /// Starts over when a person set new credits, refills when a new period began.
+    pub fn refresh(&mut self, plan: &CreditPlan, now: Timestamp) {
+        if self.version != plan.version {
+            *self = Self::load(plan, now);
+        }
+        if let Some(refill) = &plan.refill {
+            let period = ratelimit::refill_period(&refill.interval, now.as_millis());
+            if self.period != Some(period) {
+                self.period = Some(period);
+                self.remaining = refill.amount;
+                self.dirty = true;
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct KeyLog {
+    log: SlidingLog,
+    window_ms: i64,
+}
+
+#[derive(Default)]
+struct OrgLogs {
+    minute: SlidingLog,
+    hour: SlidingLog,
+}
+
+/// Limits held by this node: exact, per key and per organisation, behind one small lock each.
+#[derive(Default)]
+pub struct MemoryBackend {
+    keys: DashMap<KeyId, Mutex<KeyLog>>,
+    orgs: DashMap<OrgId, Mutex<OrgLogs>>,
+    credits: DashMap<KeyId, Mutex<CreditState>>,
+}
+
+fn poisoned() -> BackendError {
+    BackendError("a limiter lock was poisoned".into())
+}
+
+impl MemoryBackend {
+    fn decide_now(&self, plan: &LimitPlan, now: Timestamp) -> Result<LimitReport, BackendError> {
+        let t = now.as_millis();
+        if !self.keys.contains_key(&plan.key_id) {
+            self.keys.entry(plan.key_id.clone()).or_default();
+        }
+        if !self.orgs.contains_key(&plan.org_id) {
+            self.orgs.entry(plan.org_id.clone()).or_default();
+        }
+        let key_entry = self.keys.get(&plan.key_id).ok_or_else(poisoned)?;
+        let org_entry = self.orgs.get(&plan.org_id).ok_or_else(poisoned)?;
+        // Lock order: key, then organisation, then credits — the same everywhere.
+        let mut key = key_entry.lock().map_err(|_| poisoned())?;
+        let mut org = org_entry.lock().map_err(|_| poisoned())?;
+        let org = &mut *org;
+        if let Some((_, limit)) = plan.limits.iter().find(|(p, _)| *p == Policy::Key) {
+            key.window_ms = limit.window_ms;
+        }
+        let mut verdicts = Vec::with_capacity(plan.limits.len());
+        for (policy, limit) in &plan.limits {
+            let log = match policy {
+                Policy::Key => &mut key.log,
+                Policy::OrgMinute => &mut org.minute,
+                Policy::OrgHour => &mut org.hour,
+            };
+            verdicts.push((*policy, log.check(*limit, plan.cost, t)));
+        }
+        if verdicts.iter().any(|(_, v)| !v.allowed) {
+            return Ok(LimitReport {
+                refused: Some(ErrorCode::RateLimitExceeded),
+                verdicts: uncharged(verdicts, plan.cost),
+                credits_remaining: self.peek_credits(plan, now)?,
+            });
+        }
+        let cost = i64::try_from(plan.cost).unwrap_or(i64::MAX);
+        let mut credits_remaining = None;
+        if let Some(credit_plan) = &plan.credits {
+            if !self.credits.contains_key(&plan.key_id) {
+                self.credits
+                    .entry(plan.key_id.clone())
+                    .or_insert_with(|| Mutex::new(CreditState::load(credit_plan, now)));
+            }
+            let entry = self.credits.get(&plan.key_id).ok_or_else(poisoned)?;
+            let mut credits = entry.lock().map_err(|_| poisoned())?;
+            credits.refresh(credit_plan, now);
+            if credits.remaining < cost {
+                return Ok(LimitReport {
+                    refused: Some(ErrorCode::UsageExhausted),
+                    verdicts: uncharged(verdicts, plan.cost),
+                    credits_remaining: Some(credits.remaining),
+                });
+            }
+            credits.remaining -= cost;
+            credits.dirty = true;
+            credits_remaining = Some(credits.remaining);
+        }
+        for (policy, _) in &plan.limits {
+            match policy {
+                Policy::Key => key.log.charge(plan.cost, t),
+                Policy::OrgMinute => org.minute.charge(plan.cost, t),
+                Policy::OrgHour => org.hour.charge(plan.cost, t),
+            }
+        }
+        Ok(LimitReport {
+            refused: None,
+            verdicts,
+            credits_remaining,
+        })
+    }
+
+    fn peek_credits(&self, plan: &LimitPlan, now: Timestamp) -> Result<Option<i64>, BackendError> {
+        let Some(credit_plan) = &plan.credits else {
+            return Ok(None);
+        };
+        match self.credits.get(&plan.key_id) {
+            Some(entry) => {
+                let mut credits = entry.lock().map_err(|_| poisoned())?;
+                credits.refresh(credit_plan, now);
+                Ok(Some(credits.remaining))
+            }
+            None => Ok(Some(credit_plan.stored_remaining)),
+        }
+    }
+}
+
+#[async_trait]
+impl LimitBackend for MemoryBackend {
+    async fn decide(&self, plan: &LimitPlan, now: Timestamp) -> Result<LimitReport, BackendError> {
+        self.decide_now(plan, now)
+    }
+
+    fn dirty_credits(&self) -> Vec<(KeyId, i64, i64)> {
+        let mut out = Vec::new();
+        for entry in self.credits.iter() {
+            if let Ok(mut c) = entry.value().lock()
+                && c.dirty
+            {
+                c.dirty = false;
+                out.push((entry.key().clone(), c.version, c.remaining));
+            }
+        }
+        out
+    }
+
+    fn evict_idle(&self, now: Timestamp) {
+        let t = now.as_millis();
+        // An empty log carries nothing forward: dropping it changes no decision.
+        self.keys.retain(|_, key| {
+            key.get_mut()
+                .map(|k| {
+                    let window = k.window_ms;
+                    !k.log.is_idle(t, window)
+                })
+                .unwrap_or(false)
+        });
+        self.orgs.retain(|_, logs| {
+            logs.get_mut()
+                .map(|l| !(l.minute.is_idle(t, 60_000) && l.hour.is_idle(t, 3_600_000)))
+                .unwrap_or(false)
+        });
+    }
+}
+
+/// The limiter the request path calls: the configured backend, its fallback, the tiers.
+pub struct Limiter {
+    backend: Arc<dyn LimitBackend>,
+    /// Per-node limits used while a shared backend is unreachable (`on_backend_error = "local"`).
+    local: Arc<MemoryBackend>,
+    config: RateLimitConfig,
+    /// After a backend error, the backend is skipped until then.
+    backoff_until: Mutex<Option<Instant>>,
+}
+
+pub const BACKEND_BACKOFF: Duration = Duration::from_secs(1);
+
+impl Limiter {
+    pub fn new(backend: Option<Arc<dyn LimitBackend>>, config: RateLimitConfig) -> Self {
+        let local = Arc::new(MemoryBackend::default());
+        Self {
+            backend: backend.unwrap_or_else(|| local.clone()),
+            local,
+            config,
+            backoff_until: Mutex::new(None),
+        }
+    }
+
+    pub fn backend(&self) -> &Arc<dyn LimitBackend> {
+        &self.backend
+    }
+
+    pub fn local(&self) -> &Arc<MemoryBackend> {
+        &self.local
+    }
+
+    fn tier(&self, name: &str) -> Option<&Tier> {
+        self.config
+            .tiers
+            .get(name)
+            .or_else(|| self.config.tiers.get("free"))
+    }
+
+    pub fn plan(&self, key: &ApiKey, org_tier: &str, cost: u32) -> LimitPlan {
+        let mut limits = vec![(
+            Policy::Key,
+            Limit {
+                limit: u64::from(key.quota_requests),
+                window_ms: i64::from(key.quota_window) * 1000,
+            },
+        )];
+        if let Some(tier) = self.tier(org_tier) {
+            limits.push((
+                Policy::OrgMinute,
+                Limit {
+                    limit: u64::from(tier.per_minute),
+                    window_ms: 60_000,
+                },
+            ));
+            limits.push((
+                Policy::OrgHour,
+                Limit {
+                    limit: u64::from(tier.per_hour),
+                    window_ms: 3_600_000,
+                },
+            ));
+        }
+        LimitPlan {
+            key_id: key.id.clone(),
+            org_id: key.org_id.clone(),
+            limits,
+            cost: u64::from(cost),
+            credits: key.remaining.map(|stored_remaining| CreditPlan {
+                stored_remaining,
+                version: key.credits_version,
+                refill: key.refill.clone(),
+            }),
+        }
+    }
+
+    fn backing_off(&self) -> bool {
+        let now = Instant::now();
+        self.backoff_until
+            .lock()
+            .map(|until| until.is_some_and(|u| u > now))
+            .unwrap_or(false)
+    }
+
+    fn back_off(&self) {
+        if let Ok(mut until) = self.backoff_until.lock() {
+            *until = Some(Instant::now() + BACKEND_BACKOFF);
+        }
+    }
+
+    /// Decides; on a backend failure follows `ratelimit.on_backend_error`.
+    pub async fn decide(&self, plan: &LimitPlan, now: Timestamp) -> Result<LimitReport, ApiError> {
+        if !self.backing_off() {
+            match self.backend.decide(plan, now).await {
+                Ok(report) => return Ok(report),
+                Err(e) => {
+                    self.back_off();
+                    tracing::warn!(error = %e, mode = ?self.config.on_backend_error, "rate-limit backend failed");
+                }
+            }
+        }
+        let mode = match self.config.on_backend_error {
+            OnBackendError::Local => "local",
+            OnBackendError::Allow => "allow",
+            OnBackendError::Deny => "deny",
+        };
+        metrics::counter!("keyward_ratelimit_backend_errors_total", "mode" => mode).increment(1);
+        match self.config.on_backend_error {
+            OnBackendError::Local => self.local.decide_now(plan, now).map_err(ApiError::internal),
+            OnBackendError::Allow => Ok(LimitReport {
+                refused: None,
+                verdicts: Vec::new(),
+                credits_remaining: None,
+            }),
+            OnBackendError::Deny => Err(ApiError::new(ErrorCode::LimiterUnavailable)),
+        }
+    }
+}
