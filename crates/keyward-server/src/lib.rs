@@ -15,6 +15,7 @@ pub mod limits;
 pub mod metrics;
 pub mod middleware;
 pub mod proxy;
+pub mod redis_limits;
 pub mod routes;
 pub mod serve;
 pub mod state;

@@ -14,7 +14,7 @@ use secrecy::ExposeSecret;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::watch;
 
-use crate::config::Config;
+use crate::config::{Config, RateLimitBackend};
 use crate::limits::LimitBackend;
 use crate::state::AppState;
 use crate::{app, bootstrap, internal_app};
@@ -101,7 +101,14 @@ pub fn run(config: Config) -> Result<(), BoxError> {
     let state = main_rt.block_on(async {
         let store = keyward_store::open(&config.store_url).await?;
         store.migrate().await?;
-        let state = AppState::new(config, store, Arc::new(SystemClock));
+        let mut state = AppState::new(config, store, Arc::new(SystemClock));
+        if state.config.ratelimit.backend == RateLimitBackend::Redis {
+            let url = state.config.ratelimit.url.clone().unwrap_or_default();
+            let backend = crate::redis_limits::RedisBackend::new(&url)
+                .map_err(|e| format!("ratelimit.url: {e}"))?;
+            state = state.with_limit_backend(Arc::new(backend));
+            tracing::info!("rate limits shared through redis");
+        }
         if let Some((key, secret)) = bootstrap::ensure_bootstrapped(&state).await? {
             // Printed, never logged: the one time this secret leaves the process.
             eprintln!(

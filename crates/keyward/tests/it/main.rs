@@ -13,6 +13,7 @@ mod gateway;
 mod harness;
 mod lifecycle;
 mod limits;
+mod redis;
 mod secrets;
 mod serve;
 mod upstream;

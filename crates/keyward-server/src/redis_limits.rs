@@ -1,0 +1,250 @@
+//! The `redis` rate-limit backend: every node shares one exact limit. One round trip per
+//! decision: a Lua script evicts, checks every limit and the credits, and charges all or
+//! nothing, with Redis' own clock so node clocks cannot skew the windows. All keys of one
+//! decision carry the organisation as hash tag, so the script also runs on Redis Cluster.
+
+use std::cell::RefCell;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use dashmap::DashMap;
+use keyward_core::ids::KeyId;
+use keyward_core::ratelimit::{self, Verdict};
+use keyward_core::{ErrorCode, Timestamp};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use crate::limits::{BackendError, LimitBackend, LimitPlan, LimitReport, Policy};
+
+const SCRIPT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local cost = tonumber(ARGV[1])
+local nonce = ARGV[2]
+local n = tonumber(ARGV[3])
+local out = {0, -1, now}
+local all_ok = true
+for i = 1, n do
+  local key = KEYS[i]
+  local limit = tonumber(ARGV[2 + 2 * i])
+  local window = tonumber(ARGV[3 + 2 * i])
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+  local used = redis.call('ZCARD', key)
+  local ok = used + cost <= limit
+  local remaining = 0
+  local retry = -1
+  if ok then
+    remaining = limit - used - cost
+  else
+    all_ok = false
+    remaining = math.max(limit - used, 0)
+    if cost > limit then
+      retry = window
+    else
+      local e = redis.call('ZRANGE', key, used + cost - limit - 1, used + cost - limit - 1, 'WITHSCORES')
+      retry = math.max(tonumber(e[2]) + window - now, 0)
+    end
+  end
+  local reset = 0
+  local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  if oldest[2] then
+    reset = math.max(tonumber(oldest[2]) + window - now, 0)
+  elseif ok and cost > 0 then
+    reset = window
+  end
+  if retry >= 0 then reset = retry end
+  table.insert(out, ok and 1 or 0)
+  table.insert(out, remaining)
+  table.insert(out, reset)
+  table.insert(out, retry)
+end
+local status = 0
+if not all_ok then status = 1 end
+local c = 4 + 2 * n
+if tonumber(ARGV[c]) == 1 then
+  local ck = KEYS[n + 1]
+  local stored = tonumber(ARGV[c + 1])
+  local version = tonumber(ARGV[c + 2])
+  local refill = tonumber(ARGV[c + 3])
+  local period = tonumber(ARGV[c + 4])
+  local v = redis.call('HGET', ck, 'v')
+  if (not v) or tonumber(v) ~= version then
+    redis.call('HSET', ck, 'v', version, 'r', stored, 'p', period)
+  end
+  if refill >= 0 and tonumber(redis.call('HGET', ck, 'p')) ~= period then
+    redis.call('HSET', ck, 'r', refill, 'p', period)
+  end
+  local r = tonumber(redis.call('HGET', ck, 'r'))
+  if status == 0 then
+    if r < cost then
+      status = 2
+    else
+      r = redis.call('HINCRBY', ck, 'r', -cost)
+    end
+  end
+  out[2] = r
+end
+if status == 0 then
+  for i = 1, n do
+    local key = KEYS[i]
+    for u = 1, cost do
+      redis.call('ZADD', key, now, nonce .. ':' .. u)
+    end
+    redis.call('PEXPIRE', key, tonumber(ARGV[3 + 2 * i]))
+  end
+end
+out[1] = status
+return out
+"#;
+
+thread_local! {
+    // One multiplexed connection per worker thread, driven by that thread's runtime.
+    static CONNECTION: RefCell<Option<ConnectionManager>> = const { RefCell::new(None) };
+}
+
+pub struct RedisBackend {
+    client: redis::Client,
+    script: redis::Script,
+    config: ConnectionManagerConfig,
+    /// Live credit counts seen in answers, to write back to storage.
+    credits_seen: DashMap<KeyId, (i64, i64)>,
+}
+
+impl RedisBackend {
+    pub fn new(url: &str) -> Result<Self, BackendError> {
+        let client = redis::Client::open(url).map_err(|e| BackendError(e.to_string()))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(250)))
+            .set_response_timeout(Some(Duration::from_millis(250)))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        Ok(Self {
+            client,
+            script: redis::Script::new(SCRIPT),
+            config,
+            credits_seen: DashMap::new(),
+        })
+    }
+
+    fn connection(&self) -> Result<ConnectionManager, BackendError> {
+        CONNECTION.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            if let Some(conn) = slot.as_ref() {
+                return Ok(conn.clone());
+            }
+            let conn =
+                ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())
+                    .map_err(|e| BackendError(e.to_string()))?;
+            *slot = Some(conn.clone());
+            Ok(conn)
+        })
+    }
+
+    fn redis_key(plan: &LimitPlan, policy: Policy) -> String {
+        let org = plan.org_id.as_str();
+        match policy {
+            Policy::Key => format!("kw:{{{org}}}:k:{}", plan.key_id),
+            Policy::OrgMinute => format!("kw:{{{org}}}:om"),
+            Policy::OrgHour => format!("kw:{{{org}}}:oh"),
+        }
+    }
+}
+
+#[async_trait]
+impl LimitBackend for RedisBackend {
+    async fn decide(&self, plan: &LimitPlan, now: Timestamp) -> Result<LimitReport, BackendError> {
+        let mut conn = self.connection()?;
+        let mut invocation = self.script.prepare_invoke();
+        for (policy, _) in &plan.limits {
+            invocation.key(Self::redis_key(plan, *policy));
+        }
+        invocation
+            .arg(plan.cost)
+            .arg(keyward_core::ids::RequestId::generate().as_str())
+            .arg(plan.limits.len());
+        for (_, limit) in &plan.limits {
+            invocation.arg(limit.limit).arg(limit.window_ms);
+        }
+        match &plan.credits {
+            Some(credits) => {
+                invocation.key(format!("kw:{{{}}}:c:{}", plan.org_id, plan.key_id));
+                let (refill, period) = match &credits.refill {
+                    Some(r) => (
+                        r.amount,
+                        ratelimit::refill_period(&r.interval, now.as_millis()),
+                    ),
+                    None => (-1, -1),
+                };
+                invocation
+                    .arg(1)
+                    .arg(credits.stored_remaining)
+                    .arg(credits.version)
+                    .arg(refill)
+                    .arg(period);
+            }
+            None => {
+                invocation.arg(0);
+            }
+        }
+        let out: Vec<i64> = invocation
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| BackendError(e.to_string()))?;
+        if out.len() != 3 + 4 * plan.limits.len() {
+            return Err(BackendError(
+                "unexpected answer from the rate-limit script".into(),
+            ));
+        }
+        let verdicts: Vec<(Policy, Verdict)> = plan
+            .limits
+            .iter()
+            .enumerate()
+            .map(|(i, (policy, limit))| {
+                let at = 3 + 4 * i;
+                let retry = out[at + 3];
+                (
+                    *policy,
+                    Verdict {
+                        allowed: out[at] == 1,
+                        limit: limit.limit,
+                        remaining: u64::try_from(out[at + 1]).unwrap_or(0),
+                        reset_ms: out[at + 2],
+                        retry_after_ms: (retry >= 0).then_some(retry),
+                        window_ms: limit.window_ms,
+                    },
+                )
+            })
+            .collect();
+        let credits_remaining = plan.credits.as_ref().map(|_| out[1]);
+        if let (Some(credits), Some(remaining)) = (&plan.credits, credits_remaining) {
+            self.credits_seen
+                .insert(plan.key_id.clone(), (credits.version, remaining));
+        }
+        let refused = match out[0] {
+            0 => None,
+            1 => Some(ErrorCode::RateLimitExceeded),
+            _ => Some(ErrorCode::UsageExhausted),
+        };
+        let verdicts = if refused.is_some() {
+            crate::limits::uncharged(verdicts, plan.cost)
+        } else {
+            verdicts
+        };
+        Ok(LimitReport {
+            refused,
+            verdicts,
+            credits_remaining,
+        })
+    }
+
+    fn dirty_credits(&self) -> Vec<(KeyId, i64, i64)> {
+        let mut out = Vec::new();
+        self.credits_seen.retain(|key, (version, remaining)| {
+            out.push((key.clone(), *version, *remaining));
+            false
+        });
+        out
+    }
+
+    /// Redis expires idle windows itself (`PEXPIRE` to the window length).
+    fn evict_idle(&self, _now: Timestamp) {}
+}

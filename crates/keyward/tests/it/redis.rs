@@ -1,0 +1,282 @@
+//! The redis rate-limit backend: one exact limit across nodes, and every
+//! `on_backend_error` mode while Redis is down, with recovery once it is back.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::json;
+
+use crate::harness::TestServer;
+
+/// A real redis-server on a free loopback port, without persistence.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl RedisServer {
+    pub async fn start() -> Self {
+        let mut server = Self {
+            port: free_port(),
+            child: None,
+        };
+        server.spawn().await;
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    async fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (scripts/test installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.spawn().await;
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+const ROUTES: &str = r#"
+[[routes]]
+name = "echo"
+path = "/echo/"
+upstream = "builtin:echo"
+scopes = ["inference"]
+"#;
+
+fn config(redis: &RedisServer, mode: &str) -> String {
+    format!(
+        "[ratelimit]\nbackend = \"redis\"\nurl = \"{}\"\non_backend_error = \"{mode}\"\n[ratelimit.tiers.free]\nper_minute = 100000\nper_hour = 100000\n{ROUTES}",
+        redis.url()
+    )
+}
+
+async fn hammer(base: String, key: String, n: usize) -> Vec<u16> {
+    let client = reqwest::Client::new();
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(
+            client
+                .get(format!("{base}/echo/x"))
+                .bearer_auth(&key)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16(),
+        );
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_share_one_exact_limit() {
+    let redis = RedisServer::start().await;
+    let a = TestServer::start_with_config(&config(&redis, "deny"), &[]).await;
+    // The second node: same store file, same Redis, its own process.
+    let b = TestServer::start_in(a.dir.clone(), &[]).await;
+    let (_, key) = a
+        .create_key(json!({"quota_requests": 40, "quota_window": 60}))
+        .await;
+
+    let mut tasks = vec![];
+    for i in 0..16 {
+        let base = if i % 2 == 0 {
+            a.base.clone()
+        } else {
+            b.base.clone()
+        };
+        tasks.push(tokio::spawn(hammer(base, key.clone(), 10)));
+    }
+    let mut statuses = vec![];
+    for t in tasks {
+        statuses.extend(t.await.unwrap());
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        40,
+        "{statuses:?}"
+    );
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 120);
+    // Both nodes see the same, exhausted window.
+    for node in [&a, &b] {
+        let r = node.call(Method::GET, "/echo/x", Some(&key), None).await;
+        r.assert_error(429, "rate_limit_exceeded");
+        assert_eq!(r.header("x-ratelimit-limit"), Some("40"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credits_are_shared_across_nodes() {
+    let redis = RedisServer::start().await;
+    let a = TestServer::start_with_config(&config(&redis, "deny"), &[]).await;
+    let b = TestServer::start_in(a.dir.clone(), &[]).await;
+    let (_, key) = a
+        .create_key(json!({"remaining": 15, "quota_requests": 1000}))
+        .await;
+    let mut tasks = vec![];
+    for i in 0..8 {
+        let base = if i % 2 == 0 {
+            a.base.clone()
+        } else {
+            b.base.clone()
+        };
+        tasks.push(tokio::spawn(hammer(base, key.clone(), 5)));
+    }
+    let mut statuses = vec![];
+    for t in tasks {
+        statuses.extend(t.await.unwrap());
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        15,
+        "{statuses:?}"
+    );
+    b.call(Method::GET, "/echo/x", Some(&key), None)
+        .await
+        .assert_error(429, "usage_exhausted");
+}
+
+async fn backend_errors(s: &TestServer) -> f64 {
+    let text = s
+        .client
+        .get(format!("{}/metrics", s.internal))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("keyward_ratelimit_backend_errors_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Polls until a request is answered with `status` (the backend's back-off is 1 s).
+async fn until_status(s: &TestServer, key: &str, status: u16) -> u16 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let got = s
+            .call(Method::GET, "/echo/x", Some(key), None)
+            .await
+            .status
+            .as_u16();
+        if got == status || Instant::now() > deadline {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn redis_outage_in_each_mode_and_recovery() {
+    for mode in ["local", "allow", "deny"] {
+        let mut redis = RedisServer::start().await;
+        let s = TestServer::start_with_config(&config(&redis, mode), &[]).await;
+        let (_, key) = s
+            .create_key(json!({"quota_requests": 3, "quota_window": 60}))
+            .await;
+        assert_eq!(
+            s.call(Method::GET, "/echo/x", Some(&key), None)
+                .await
+                .status,
+            200,
+            "{mode}"
+        );
+
+        redis.stop();
+        let statuses: Vec<u16> = {
+            let mut v = vec![];
+            for _ in 0..6 {
+                v.push(
+                    s.call(Method::GET, "/echo/x", Some(&key), None)
+                        .await
+                        .status
+                        .as_u16(),
+                );
+            }
+            v
+        };
+        match mode {
+            // Per-node limits take over: this node's own count starts from zero.
+            "local" => assert_eq!(statuses, [200, 200, 200, 429, 429, 429], "{mode}"),
+            "allow" => assert_eq!(statuses, [200; 6], "{mode}"),
+            _ => {
+                assert_eq!(statuses, [503; 6], "{mode}");
+                s.call(Method::GET, "/echo/x", Some(&key), None)
+                    .await
+                    .assert_error(503, "limiter_unavailable");
+            }
+        }
+        assert!(
+            backend_errors(&s).await >= 6.0,
+            "{mode}: errors are counted in /metrics"
+        );
+        assert!(
+            s.stdout().contains("rate-limit backend failed"),
+            "{mode}: errors are logged"
+        );
+
+        // Back up: the node returns to Redis by itself (a fresh Redis: a fresh window).
+        redis.restart().await;
+        assert_eq!(
+            until_status(&s, &key, 200).await,
+            200,
+            "{mode}: no recovery"
+        );
+        let shared = s.call(Method::GET, "/echo/x", Some(&key), None).await;
+        assert!(
+            shared.status == 200 || shared.status == 429,
+            "{mode}: {}",
+            shared.text
+        );
+    }
+}
