@@ -226,7 +226,12 @@ fn poisoned() -> BackendError {
 }
 
 impl MemoryBackend {
-    fn decide_now(&self, plan: &LimitPlan, now: Timestamp) -> Result<LimitReport, BackendError> {
+    /// Decides on this node's memory (synchronous: no I/O).
+    pub fn decide_now(
+        &self,
+        plan: &LimitPlan,
+        now: Timestamp,
+    ) -> Result<LimitReport, BackendError> {
         let t = now.as_millis();
         if !self.keys.contains_key(&plan.key_id) {
             self.keys.entry(plan.key_id.clone()).or_default();
