@@ -601,6 +601,35 @@ pub async fn report_leaked(state: &AppState, actor: &Actor, secrets: &[String]) 
     Ok(matched)
 }
 
+/// Sets the organisation's tier (an operator's act: the CLI, not the management API).
+pub async fn set_org_tier(state: &AppState, actor: &Actor, tier: &str) -> ApiResult<()> {
+    if !state.config.ratelimit.tiers.contains_key(tier) {
+        let known: Vec<&str> = state
+            .config
+            .ratelimit
+            .tiers
+            .keys()
+            .map(String::as_str)
+            .collect();
+        return Err(ApiError::validation(
+            "tier",
+            format!("`tier` must be a configured tier: {}.", known.join(", ")),
+        ));
+    }
+    let now = state.clock.now();
+    let audit = actor.audit(
+        "org.tier_changed",
+        Some(actor.org_id.to_string()),
+        json!({"tier": tier}),
+        now,
+    );
+    state
+        .store
+        .set_org_tier(&actor.org_id, tier, &audit)
+        .await?;
+    Ok(())
+}
+
 pub async fn create_project(
     state: &AppState,
     actor: &Actor,

@@ -282,6 +282,10 @@ pub trait Store: Send + Sync + 'static {
         to: Timestamp,
     ) -> StoreResult<Vec<UsageRow>>;
 
+    /// Sets an organisation's tier; every key of the organisation is noted as changed so that
+    /// caches pick up the new limits.
+    async fn set_org_tier(&self, org: &OrgId, tier: &str, audit: &AuditEntry) -> StoreResult<()>;
+
     async fn append_audit(&self, entry: &AuditEntry) -> StoreResult<()>;
     async fn list_audit(&self, org: &OrgId, page: &PageRequest) -> StoreResult<Page<AuditEntry>>;
 }

@@ -809,6 +809,31 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    async fn set_org_tier(&self, org: &OrgId, tier: &str, audit: &AuditEntry) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let updated = sqlx::query("UPDATE orgs SET tier = ? WHERE id = ?")
+            .bind(tier.to_owned())
+            .bind(org.as_str().to_owned())
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?
+            .rows_affected();
+        if updated == 0 {
+            tx.rollback().await.map_err(map_err)?;
+            return Err(StoreError::NotFound);
+        }
+        sqlx::query(
+            "INSERT INTO key_changes (key_id, at) SELECT id, ? FROM api_keys WHERE org_id = ?",
+        )
+        .bind(audit.created_at.as_millis())
+        .bind(org.as_str().to_owned())
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        insert_audit(&mut *tx, audit).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
     async fn append_audit(&self, entry: &AuditEntry) -> StoreResult<()> {
         insert_audit(&self.pool, entry).await
     }

@@ -40,6 +40,24 @@ pub enum Command {
     /// Manage console users.
     #[command(subcommand)]
     Users(UsersCommand),
+    /// Manage the organisation.
+    #[command(subcommand)]
+    Orgs(OrgsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OrgsCommand {
+    /// Show the organisation.
+    Show {
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Set the organisation's tier (its per-minute and per-hour limits come from config).
+    SetTier {
+        tier: String,
+        #[command(flatten)]
+        output: Output,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -90,6 +108,8 @@ pub enum KeysCommand {
         #[command(flatten)]
         output: Output,
     },
+    /// Change a key: name, credits, quota, expiry, IP rules, endpoint, meta.
+    Update(UpdateKeyArgs),
     /// Revoke a key, permanently.
     Revoke {
         id: String,
@@ -128,6 +148,47 @@ pub struct CreateKeyArgs {
     /// Credits.
     #[arg(long)]
     pub remaining: Option<i64>,
+    /// Refill interval: daily, monthly, or a number of seconds (needs --remaining).
+    #[arg(long)]
+    pub refill_interval: Option<String>,
+    /// Credits each refill sets.
+    #[arg(long)]
+    pub refill_amount: Option<i64>,
+    #[command(flatten)]
+    pub output: Output,
+}
+
+#[derive(Debug, Args)]
+pub struct UpdateKeyArgs {
+    pub id: String,
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Credits left; `none` removes the credit limit.
+    #[arg(long)]
+    pub remaining: Option<String>,
+    /// Refill interval: daily, monthly, or a number of seconds; `none` removes the refill.
+    #[arg(long)]
+    pub refill_interval: Option<String>,
+    /// Credits each refill sets.
+    #[arg(long)]
+    pub refill_amount: Option<i64>,
+    #[arg(long)]
+    pub quota_requests: Option<u32>,
+    #[arg(long)]
+    pub quota_window: Option<u32>,
+    /// RFC 3339 expiry; `none` removes it.
+    #[arg(long)]
+    pub expires_at: Option<String>,
+    #[arg(long, value_delimiter = ',')]
+    pub allowed_ips: Option<Vec<String>>,
+    #[arg(long, value_delimiter = ',')]
+    pub blocked_ips: Option<Vec<String>>,
+    /// A route name; `none` lifts the restriction.
+    #[arg(long)]
+    pub endpoint: Option<String>,
+    /// A JSON object.
+    #[arg(long)]
+    pub meta: Option<String>,
     #[command(flatten)]
     pub output: Output,
 }

@@ -7,17 +7,20 @@ use std::sync::Arc;
 use keyward_core::SystemClock;
 use keyward_core::ids::KeyId;
 use keyward_core::key::{ApiKey, KeyState};
-use keyward_server::api::views::{KeyView, ListView, ProjectView};
+use keyward_core::key::{NamedInterval, Refill, RefillInterval};
+use keyward_server::api::views::{KeyView, ListView, OrgView, ProjectView};
 use keyward_server::bootstrap;
 use keyward_server::config::Config;
-use keyward_server::lifecycle::{self, Actor, CreateKeyInput, CreateProjectInput, RotateKeyInput};
+use keyward_server::lifecycle::{
+    self, Actor, CreateKeyInput, CreateProjectInput, RotateKeyInput, UpdateKeyInput,
+};
 use keyward_server::serve::BoxError;
 use keyward_server::state::AppState;
 use keyward_server::users;
 use keyward_store::{KeyFilter, PageRequest, RevokeOutcome, Role};
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::cli::{Command, KeysCommand, ProjectsCommand, UsersCommand};
+use crate::cli::{Command, KeysCommand, OrgsCommand, ProjectsCommand, UsersCommand};
 
 pub fn run(config: Config, command: Command) -> Result<(), BoxError> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -52,6 +55,7 @@ pub fn run(config: Config, command: Command) -> Result<(), BoxError> {
             Command::Keys(cmd) => keys(&state, &actor, cmd).await,
             Command::Projects(cmd) => projects(&state, &actor, cmd).await,
             Command::Users(cmd) => users_cmd(&state, &actor, cmd).await,
+            Command::Orgs(cmd) => orgs(&state, &actor, cmd).await,
             Command::Serve | Command::Migrate | Command::Config(_) => Ok(()),
         }
     })
@@ -112,7 +116,7 @@ async fn keys(state: &AppState, actor: &Actor, cmd: KeysCommand) -> Result<(), B
                 quota_requests: args.quota_requests,
                 quota_window: args.quota_window,
                 remaining: args.remaining,
-                refill: None,
+                refill: refill(args.refill_interval.as_deref(), args.refill_amount)?,
                 meta: None,
             };
             let (key, secret) = lifecycle::create_key(state, actor, input).await?;
@@ -187,6 +191,16 @@ async fn keys(state: &AppState, actor: &Actor, cmd: KeysCommand) -> Result<(), B
             let (key, secret) = lifecycle::rotate_key(state, actor, &id, input).await?;
             print_secret(&key, &secret, output.json, now)
         }
+        KeysCommand::Update(args) => {
+            let (id, json) = (args.id.clone(), args.output.json);
+            let input = update_input(args)?;
+            let key = lifecycle::update_key(state, actor, &id, input).await?;
+            if json {
+                return print_json(&KeyView::new(&key, now));
+            }
+            print_key(&key, now);
+            Ok(())
+        }
         KeysCommand::Revoke { id, output } => {
             let outcome = lifecycle::revoke_key(state, actor, &id).await?;
             let id = KeyId::parse(&id).ok_or("invalid key id")?;
@@ -245,6 +259,86 @@ async fn projects(state: &AppState, actor: &Actor, cmd: ProjectsCommand) -> Resu
             Ok(())
         }
     }
+}
+
+/// `--refill-interval` and `--refill-amount` as the API's refill object.
+fn refill(interval: Option<&str>, amount: Option<i64>) -> Result<Option<Refill>, BoxError> {
+    let interval = match interval {
+        None => {
+            if amount.is_some() {
+                return Err("--refill-amount needs --refill-interval".into());
+            }
+            return Ok(None);
+        }
+        Some("daily") => RefillInterval::Named(NamedInterval::Daily),
+        Some("monthly") => RefillInterval::Named(NamedInterval::Monthly),
+        Some(secs) => RefillInterval::Seconds(
+            secs.parse()
+                .map_err(|_| "--refill-interval is daily, monthly or a number of seconds")?,
+        ),
+    };
+    let amount = amount.ok_or("--refill-interval needs --refill-amount")?;
+    Ok(Some(Refill { interval, amount }))
+}
+
+/// `none` clears a nullable field.
+fn nullable<T>(
+    raw: Option<String>,
+    parse: impl Fn(String) -> Result<T, BoxError>,
+) -> Result<Option<Option<T>>, BoxError> {
+    match raw {
+        None => Ok(None),
+        Some(v) if v == "none" => Ok(Some(None)),
+        Some(v) => parse(v).map(|t| Some(Some(t))),
+    }
+}
+
+fn update_input(args: crate::cli::UpdateKeyArgs) -> Result<UpdateKeyInput, BoxError> {
+    let refill = match args.refill_interval.as_deref() {
+        Some("none") => Some(None),
+        Some(_) => Some(refill(args.refill_interval.as_deref(), args.refill_amount)?),
+        None if args.refill_amount.is_some() => {
+            return Err("--refill-amount needs --refill-interval".into());
+        }
+        None => None,
+    };
+    Ok(UpdateKeyInput {
+        name: args.name,
+        expires_at: nullable(args.expires_at, Ok)?,
+        allowed_ips: args.allowed_ips,
+        blocked_ips: args.blocked_ips,
+        endpoint: nullable(args.endpoint, Ok)?,
+        quota_requests: args.quota_requests,
+        quota_window: args.quota_window,
+        remaining: nullable(args.remaining, |v| {
+            v.parse()
+                .map_err(|_| "--remaining is a number or none".into())
+        })?,
+        refill,
+        meta: args
+            .meta
+            .map(|m| serde_json::from_str(&m).map_err(|_| "--meta is a JSON object"))
+            .transpose()?,
+        scopes: None,
+    })
+}
+
+async fn orgs(state: &AppState, actor: &Actor, cmd: OrgsCommand) -> Result<(), BoxError> {
+    let output = match &cmd {
+        OrgsCommand::Show { output } | OrgsCommand::SetTier { output, .. } => output.json,
+    };
+    if let OrgsCommand::SetTier { tier, .. } = &cmd {
+        lifecycle::set_org_tier(state, actor, tier).await?;
+    }
+    let org = state.store.get_org(&actor.org_id).await?;
+    if output {
+        return print_json(&OrgView::new(&org));
+    }
+    println!(
+        "id     {}\nname   {}\ntier   {}",
+        org.id, org.name, org.tier
+    );
+    Ok(())
 }
 
 fn read_password(from_stdin: bool) -> Result<SecretString, BoxError> {

@@ -178,6 +178,46 @@ async fn every_decision_of_the_proxy_path() {
             "the upstream saw a credential"
         );
     }
+    let logs = s.stdout() + &s.stderr();
+    assert!(logs.contains("request"));
+    assert!(!logs.contains(&inference[8..]), "a secret was logged");
+}
+
+#[tokio::test]
+async fn credential_header_names_are_configurable() {
+    let (s, _up) = gateway("[auth]\nbearer = false\nkey_headers = [\"X-Custom-Key\"]\n").await;
+    // The settings apply to keyward's own API too.
+    let created = s
+        .client
+        .post(format!("{}/v1/keys", s.base))
+        .header("x-custom-key", &s.mgmt_key)
+        .json(&json!({"scopes": ["inference"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let key = created.json::<Value>().await.unwrap()["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let url = format!("{}/v1/chat/x", s.base);
+    let bearer = s.client.get(&url).bearer_auth(&key).send().await.unwrap();
+    TestServer::read(bearer)
+        .await
+        .assert_error(401, "missing_credentials");
+    let custom = s
+        .client
+        .get(&url)
+        .header("x-custom-key", &key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(custom.status(), 200);
+    let seen: Value = custom.json().await.unwrap();
+    assert!(
+        seen["headers"].get("x-custom-key").is_none(),
+        "the credential reached the upstream"
+    );
 }
 
 #[tokio::test]

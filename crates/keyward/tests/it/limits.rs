@@ -272,3 +272,93 @@ async fn forward_auth_and_verify_report_limits() {
     assert_eq!(r.body["ratelimit"]["remaining"], 0);
     assert!(r.body["retry_after"].as_u64().unwrap() >= 1);
 }
+
+#[tokio::test]
+async fn credits_and_tier_set_from_the_cli_reach_a_running_server() {
+    let s = server("[ratelimit.tiers.free]\nper_minute = 2\nper_hour = 1000\n[ratelimit.tiers.pro]\nper_minute = 5\nper_hour = 1000\n").await;
+    let d = s.dir.path();
+    let (id, key) = s.create_key(json!({"quota_requests": 100})).await;
+    assert_eq!(
+        s.call(Method::GET, "/echo/x", Some(&key), None)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        s.call(Method::GET, "/echo/x", Some(&key), None)
+            .await
+            .status,
+        200
+    );
+    s.call(Method::GET, "/echo/x", Some(&key), None)
+        .await
+        .assert_error(429, "rate_limit_exceeded");
+
+    let (st, out, err) = crate::harness::cli(d, &["orgs", "set-tier", "pro", "--json"], None, &[]);
+    assert!(st.success(), "{err}");
+    assert!(out.contains("\"tier\": \"pro\""), "{out}");
+    let r = s.eventually(200, Method::GET, "/echo/x", &key).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.header("x-ratelimit-limit"), Some("5"));
+    let (st, _, err) = crate::harness::cli(d, &["orgs", "set-tier", "platinum"], None, &[]);
+    assert!(!st.success());
+    assert!(err.contains("configured tier"), "{err}");
+
+    // Credits from the CLI: set, then exhausted, then lifted.
+    let (st, out, err) = crate::harness::cli(
+        d,
+        &["keys", "update", &id, "--remaining", "1", "--json"],
+        None,
+        &[],
+    );
+    assert!(st.success(), "{err}");
+    assert!(out.contains("\"remaining\": 1"), "{out}");
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let mut statuses = vec![];
+    for _ in 0..2 {
+        statuses.push(
+            s.call(Method::GET, "/echo/x", Some(&key), None)
+                .await
+                .code()
+                .to_owned(),
+        );
+    }
+    assert_eq!(statuses, ["", "usage_exhausted"]);
+    let (st, _, err) = crate::harness::cli(
+        d,
+        &["keys", "update", &id, "--remaining", "none"],
+        None,
+        &[],
+    );
+    assert!(st.success(), "{err}");
+    assert_eq!(
+        s.eventually(200, Method::GET, "/echo/x", &key).await.status,
+        200
+    );
+    let (st, out, err) = crate::harness::cli(
+        d,
+        &[
+            "keys",
+            "update",
+            &id,
+            "--remaining",
+            "10",
+            "--refill-interval",
+            "daily",
+            "--refill-amount",
+            "10",
+            "--json",
+        ],
+        None,
+        &[],
+    );
+    assert!(st.success(), "{err}");
+    assert!(out.contains("\"interval\": \"daily\""), "{out}");
+    let (st, _, err) = crate::harness::cli(
+        d,
+        &["keys", "update", &id, "--refill-amount", "3"],
+        None,
+        &[],
+    );
+    assert!(!st.success() && err.contains("--refill-interval"), "{err}");
+}
