@@ -62,6 +62,8 @@ pub struct CacheSettings {
 
 pub struct KeyCache {
     positive: DashMap<KeyHash, CachedSecret, PassThrough>,
+    /// Keys by id, for JWTs (which name their key rather than carry its secret).
+    by_id: DashMap<KeyId, CachedSecret>,
     hashes_by_key: DashMap<KeyId, Vec<KeyHash>>,
     negative: DashMap<KeyHash, Timestamp, foldhash::fast::RandomState>,
     epoch: AtomicU64,
@@ -80,6 +82,7 @@ impl KeyCache {
     pub fn new(settings: CacheSettings) -> Self {
         Self {
             positive: DashMap::with_hasher(PassThrough),
+            by_id: DashMap::new(),
             hashes_by_key: DashMap::new(),
             negative: DashMap::with_hasher(foldhash::fast::RandomState::default()),
             epoch: AtomicU64::new(0),
@@ -133,6 +136,7 @@ impl KeyCache {
     /// Forgets everything cached about a key (all its secrets).
     pub fn invalidate(&self, key_id: &KeyId) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.by_id.remove(key_id);
         if let Some((_, hashes)) = self.hashes_by_key.remove(key_id) {
             for hash in hashes {
                 self.positive.remove(&hash);
@@ -156,6 +160,34 @@ impl KeyCache {
     pub fn len(&self) -> (usize, usize) {
         (self.positive.len(), self.negative.len())
     }
+}
+
+/// Resolves a key by id through the cache (for JWTs).
+pub async fn resolve_id(
+    cache: &KeyCache,
+    store: &dyn Store,
+    id: &KeyId,
+) -> Result<Option<CachedSecret>, keyward_store::StoreError> {
+    if let Some(hit) = cache.by_id.get(id) {
+        metrics::counter!("keyward_key_cache_hits_total").increment(1);
+        return Ok(Some(hit.value().clone()));
+    }
+    metrics::counter!("keyward_key_cache_misses_total").increment(1);
+    let epoch = cache.epoch.load(Ordering::Acquire);
+    let found = store.find_key_by_id(id).await?.map(|found| CachedSecret {
+        key: Arc::new(found.key),
+        validity: found.validity,
+        org_tier: Arc::from(found.org_tier),
+    });
+    if let Some(secret) = &found
+        && cache.epoch.load(Ordering::Acquire) == epoch
+    {
+        cache.by_id.insert(id.clone(), secret.clone());
+        if cache.epoch.load(Ordering::Acquire) != epoch {
+            cache.by_id.remove(id);
+        }
+    }
+    Ok(found)
 }
 
 /// Resolves a hash through the cache; reports hits and misses to the metrics.

@@ -45,6 +45,26 @@ pub struct ServerConfig {
     pub public_origin: String,
     /// Single-threaded runtimes to serve on; 0 means one per core.
     pub workers: usize,
+    /// Where keyward keeps files of its own (the generated master key).
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum TokenAlgorithm {
+    EdDSA,
+    HS256,
+}
+
+/// `[tokens]`: the key → JWT exchange (DESIGN.md section 3).
+#[derive(Debug, Clone)]
+pub struct TokensConfig {
+    pub ttl_seconds: u64,
+    pub algorithm: TokenAlgorithm,
+    /// Only for HS256; at least 32 bytes.
+    pub hs256_secret: Option<String>,
+    pub issuer: String,
+    pub audience: String,
+    pub exchange_path: String,
 }
 
 #[derive(Debug, Clone)]
@@ -178,6 +198,7 @@ pub struct Config {
     pub cors: CorsConfig,
     pub usage: UsageConfig,
     pub cache: CacheConfig,
+    pub tokens: TokensConfig,
     pub log: LogConfig,
 }
 
@@ -288,6 +309,13 @@ const KNOWN_KEYS: &[&str] = &[
     "server.trusted_proxies",
     "server.public_origin",
     "server.workers",
+    "server.data_dir",
+    "tokens.ttl_seconds",
+    "tokens.algorithm",
+    "tokens.hs256_secret",
+    "tokens.issuer",
+    "tokens.audience",
+    "tokens.exchange_path",
     "store.url",
     "keys.prefix",
     "keys.random_length",
@@ -430,6 +458,7 @@ fn build(figment: &Figment) -> Result<Config, ConfigErrors> {
             "must start with http:// or https://",
         );
     }
+    let data_dir: PathBuf = r.get("server.data_dir", PathBuf::from("keyward-data"));
     let workers: usize = r.get("server.workers", 0);
     if workers > 256 {
         r.fail("server.workers", "at most 256");
@@ -598,6 +627,45 @@ fn build(figment: &Figment) -> Result<Config, ConfigErrors> {
     }
     let negative_ttl_seconds: u64 = r.get("cache.negative_ttl_seconds", 60);
 
+    let ttl_seconds: u64 = r.get("tokens.ttl_seconds", 900);
+    if !(60..=3600).contains(&ttl_seconds) {
+        r.fail("tokens.ttl_seconds", "must be between 60 and 3600");
+    }
+    let algorithm = r.get("tokens.algorithm", TokenAlgorithm::EdDSA);
+    let hs256_secret: Option<String> = r.get("tokens.hs256_secret", None);
+    if algorithm == TokenAlgorithm::HS256 && hs256_secret.as_ref().is_none_or(|s| s.len() < 32) {
+        r.fail(
+            "tokens.hs256_secret",
+            "HS256 needs a secret of at least 32 bytes",
+        );
+    }
+    let issuer: String = r.get("tokens.issuer", public_origin.clone());
+    let audience: String = r.get("tokens.audience", "keyward".to_owned());
+    let exchange_path: String = r.get("tokens.exchange_path", "/v1/tokens/exchange".to_owned());
+    let own_paths = [
+        "/v1/keys",
+        "/v1/projects",
+        "/v1/org",
+        "/v1/audit-log",
+        "/v1/auth",
+        "/v1/verify",
+        "/.well-known/jwks.json",
+    ];
+    if !exchange_path.starts_with('/')
+        || keyward_core::path::normalize(&exchange_path)
+            .ok()
+            .as_deref()
+            != Some(exchange_path.as_str())
+        || own_paths
+            .iter()
+            .any(|p| exchange_path == *p || exchange_path.starts_with(&format!("{p}/")))
+    {
+        r.fail(
+            "tokens.exchange_path",
+            "must be a normalised absolute path that is not one of keyward's own",
+        );
+    }
+
     let log_format = r.get("log.format", LogFormat::Text);
     let log_level: String = r.get("log.level", "info".to_owned());
 
@@ -612,6 +680,7 @@ fn build(figment: &Figment) -> Result<Config, ConfigErrors> {
             trusted_proxies,
             public_origin,
             workers,
+            data_dir,
         },
         store_url,
         keys: KeysConfig {
@@ -642,6 +711,14 @@ fn build(figment: &Figment) -> Result<Config, ConfigErrors> {
         cache: CacheConfig {
             negative_capacity,
             negative_ttl_seconds,
+        },
+        tokens: TokensConfig {
+            ttl_seconds,
+            algorithm,
+            hs256_secret,
+            issuer,
+            audience,
+            exchange_path,
         },
         log: LogConfig {
             format: log_format,

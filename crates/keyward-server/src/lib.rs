@@ -12,6 +12,7 @@ pub mod extract;
 pub mod forward_auth;
 pub mod lifecycle;
 pub mod limits;
+pub mod master_key;
 pub mod metrics;
 pub mod middleware;
 pub mod proxy;
@@ -19,6 +20,8 @@ pub mod redis_limits;
 pub mod routes;
 pub mod serve;
 pub mod state;
+pub mod token_routes;
+pub mod tokens;
 pub mod usage;
 pub mod users;
 
@@ -77,6 +80,11 @@ pub fn app(state: AppState) -> Router {
         .merge(api::router())
         .route("/v1/auth", get(forward_auth::forward_auth))
         .route("/v1/verify", post(forward_auth::verify))
+        .route("/.well-known/jwks.json", get(token_routes::jwks))
+        .route(
+            &state.config.tokens.exchange_path,
+            post(token_routes::exchange),
+        )
         .fallback(data_plane::handle)
         .method_not_allowed_fallback(|| async { ApiError::new(ErrorCode::MethodNotAllowed) })
         .layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES))

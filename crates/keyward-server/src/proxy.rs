@@ -125,6 +125,16 @@ fn prepare_headers(state: &AppState, f: &Forward<'_>, headers: &mut HeaderMap) {
     for (name, value) in identity_headers(f.principal) {
         headers.insert(name, value);
     }
+    if let Some(tokens) = &state.tokens {
+        match tokens.identity_for(&f.principal.key, state.clock.now()) {
+            Ok(token) => {
+                if let Ok(value) = HeaderValue::from_str(&token) {
+                    headers.insert(HeaderName::from_static("x-keyward-identity"), value);
+                }
+            }
+            Err(e) => tracing::warn!(code = e.code.as_str(), "cannot sign the identity token"),
+        }
+    }
     let forwarded_for = HeaderName::from_static("x-forwarded-for");
     let chain = match headers.get(&forwarded_for).and_then(|v| v.to_str().ok()) {
         Some(existing) if f.peer_trusted => format!("{existing}, {}", f.peer),

@@ -98,6 +98,7 @@ pub fn run(config: Config) -> Result<(), BoxError> {
             .unwrap_or(1),
         n => n,
     };
+    let mut master_key = None;
     let state = main_rt.block_on(async {
         let store = keyward_store::open(&config.store_url).await?;
         store.migrate().await?;
@@ -109,6 +110,16 @@ pub fn run(config: Config) -> Result<(), BoxError> {
             state = state.with_limit_backend(Arc::new(backend));
             tracing::info!("rate limits shared through redis");
         }
+        let master = crate::master_key::MasterKey::load(&state.config.server.data_dir)?;
+        let tokens = crate::tokens::TokenService::load(
+            &state.config.tokens,
+            &*state.store,
+            Some(&master),
+            state.clock.now(),
+        )
+        .await?;
+        state = state.with_tokens(Arc::new(tokens));
+        master_key = Some(master);
         if let Some((key, secret)) = bootstrap::ensure_bootstrapped(&state).await? {
             // Printed, never logged: the one time this secret leaves the process.
             eprintln!(
@@ -162,6 +173,11 @@ pub fn run(config: Config) -> Result<(), BoxError> {
             stop_rx.clone(),
         ));
         tokio::spawn(flush_usage_periodically(state.clone(), stop_rx.clone()));
+        tokio::spawn(reload_signing_keys(
+            state.clone(),
+            master_key,
+            stop_rx.clone(),
+        ));
         termination_signal().await;
         tracing::info!("shutting down: draining connections");
         let _ = stop_tx.send(true);
@@ -178,6 +194,31 @@ pub fn run(config: Config) -> Result<(), BoxError> {
     main_rt.block_on(flush_usage(&state));
     tracing::info!("keyward stopped");
     Ok(())
+}
+
+/// Picks up signing-key rotations made elsewhere (the CLI, another node) every 10 s.
+async fn reload_signing_keys(
+    state: AppState,
+    master: Option<crate::master_key::MasterKey>,
+    stop: watch::Receiver<bool>,
+) {
+    let Some(tokens) = state.tokens.clone() else {
+        return;
+    };
+    let mut interval = tokio::time::interval(std::time::Duration::from_secs(10));
+    interval.tick().await;
+    let stopped = shutdown_requested(stop);
+    tokio::pin!(stopped);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {
+                if let Err(e) = tokens.reload(&*state.store, master.as_ref(), state.clock.now()).await {
+                    tracing::warn!(error = %e, "cannot reload the signing keys");
+                }
+            }
+            _ = &mut stopped => return,
+        }
+    }
 }
 
 /// Writes usage counts and live credit counts; drops idle limiter state.

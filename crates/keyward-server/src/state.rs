@@ -21,6 +21,8 @@ pub struct AppState {
     pub usage: Arc<UsageRecorder>,
     pub routes: Arc<RouteTable>,
     pub limiter: Arc<Limiter>,
+    /// JWT issuing and verification; absent in local CLI commands.
+    pub tokens: Option<Arc<crate::tokens::TokenService>>,
 }
 
 impl AppState {
@@ -42,7 +44,13 @@ impl AppState {
             usage: Arc::new(UsageRecorder::default()),
             routes,
             limiter,
+            tokens: None,
         }
+    }
+
+    pub fn with_tokens(mut self, tokens: Arc<crate::tokens::TokenService>) -> Self {
+        self.tokens = Some(tokens);
+        self
     }
 
     /// Uses a shared rate-limit backend (Redis) instead of this node's memory.

@@ -184,6 +184,28 @@ pub struct KeyLookup {
     pub org_tier: String,
 }
 
+/// A key that signs keyward's JWTs; `private_key` is encrypted with the master key.
+#[derive(Clone, PartialEq)]
+pub struct SigningKeyRecord {
+    pub kid: String,
+    pub algorithm: String,
+    pub public_key: Vec<u8>,
+    pub private_key: Vec<u8>,
+    pub created_at: Timestamp,
+    pub retired_at: Option<Timestamp>,
+}
+
+impl std::fmt::Debug for SigningKeyRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigningKeyRecord")
+            .field("kid", &self.kid)
+            .field("algorithm", &self.algorithm)
+            .field("created_at", &self.created_at)
+            .field("retired_at", &self.retired_at)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The first organisation, project and management key of an empty store.
 #[derive(Debug, Clone)]
 pub struct Bootstrap {
@@ -285,6 +307,14 @@ pub trait Store: Send + Sync + 'static {
     /// Sets an organisation's tier; every key of the organisation is noted as changed so that
     /// caches pick up the new limits.
     async fn set_org_tier(&self, org: &OrgId, tier: &str, audit: &AuditEntry) -> StoreResult<()>;
+
+    /// Resolves a key by id (for JWTs, which name their key), with its organisation's tier.
+    async fn find_key_by_id(&self, id: &KeyId) -> StoreResult<Option<KeyLookup>>;
+
+    /// Every signing key, newest first.
+    async fn signing_keys(&self) -> StoreResult<Vec<SigningKeyRecord>>;
+    /// Adds a signing key and retires every active one at `record.created_at`.
+    async fn add_signing_key(&self, record: &SigningKeyRecord) -> StoreResult<()>;
 
     async fn append_audit(&self, entry: &AuditEntry) -> StoreResult<()>;
     async fn list_audit(&self, org: &OrgId, page: &PageRequest) -> StoreResult<Page<AuditEntry>>;

@@ -15,7 +15,7 @@ use sqlx::{Row, SqlitePool, sqlite::SqliteRow};
 
 use crate::{
     AuditEntry, Bootstrap, KeyFilter, KeyLookup, Org, Page, PageRequest, Project, RevokeOutcome,
-    Role, Rotation, Store, StoreError, StoreResult, UsageCounts, UsageRow, User,
+    Role, Rotation, SigningKeyRecord, Store, StoreError, StoreResult, UsageCounts, UsageRow, User,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -831,6 +831,63 @@ impl Store for SqliteStore {
         .await
         .map_err(map_err)?;
         insert_audit(&mut *tx, audit).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn find_key_by_id(&self, id: &KeyId) -> StoreResult<Option<KeyLookup>> {
+        let row = sqlx::query(
+            "SELECT k.*, o.tier AS org_tier FROM api_keys k JOIN orgs o ON o.id = k.org_id WHERE k.id = ?",
+        )
+        .bind(id.as_str().to_owned())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let Some(row) = row else { return Ok(None) };
+        Ok(Some(KeyLookup {
+            key: key_from_row(&row)?,
+            validity: SecretValidity { valid_until: None },
+            org_tier: row.try_get("org_tier").map_err(map_err)?,
+        }))
+    }
+
+    async fn signing_keys(&self) -> StoreResult<Vec<SigningKeyRecord>> {
+        let rows = sqlx::query("SELECT * FROM signing_keys ORDER BY created_at DESC, kid DESC")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter()
+            .map(|row| {
+                Ok(SigningKeyRecord {
+                    kid: row.try_get("kid").map_err(map_err)?,
+                    algorithm: row.try_get("algorithm").map_err(map_err)?,
+                    public_key: row.try_get("public_key").map_err(map_err)?,
+                    private_key: row.try_get("private_key").map_err(map_err)?,
+                    created_at: Timestamp::from_millis(row.try_get("created_at").map_err(map_err)?),
+                    retired_at: ts(row.try_get("retired_at").map_err(map_err)?),
+                })
+            })
+            .collect()
+    }
+
+    async fn add_signing_key(&self, record: &SigningKeyRecord) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        sqlx::query("UPDATE signing_keys SET retired_at = ? WHERE retired_at IS NULL")
+            .bind(record.created_at.as_millis())
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        sqlx::query(
+            "INSERT INTO signing_keys (kid, algorithm, public_key, private_key, created_at, retired_at) \
+             VALUES (?, ?, ?, ?, ?, NULL)",
+        )
+        .bind(record.kid.clone())
+        .bind(record.algorithm.clone())
+        .bind(record.public_key.clone())
+        .bind(record.private_key.clone())
+        .bind(record.created_at.as_millis())
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
         tx.commit().await.map_err(map_err)
     }
 

@@ -43,6 +43,16 @@ pub enum Command {
     /// Manage the organisation.
     #[command(subcommand)]
     Orgs(OrgsCommand),
+    /// Manage the keys that sign keyward's JWTs.
+    #[command(subcommand)]
+    Jwt(JwtCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JwtCommand {
+    /// Start signing with a new Ed25519 key. The old one stays in the JWKS until every token
+    /// it signed has expired; running servers switch within 10 seconds.
+    RotateSigningKey,
 }
 
 #[derive(Debug, Subcommand)]

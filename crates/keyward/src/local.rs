@@ -20,7 +20,8 @@ use keyward_server::users;
 use keyward_store::{KeyFilter, PageRequest, RevokeOutcome, Role};
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::cli::{Command, KeysCommand, OrgsCommand, ProjectsCommand, UsersCommand};
+use crate::cli::{Command, JwtCommand, KeysCommand, OrgsCommand, ProjectsCommand, UsersCommand};
+use keyward_server::master_key::MasterKey;
 
 pub fn run(config: Config, command: Command) -> Result<(), BoxError> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -56,6 +57,12 @@ pub fn run(config: Config, command: Command) -> Result<(), BoxError> {
             Command::Projects(cmd) => projects(&state, &actor, cmd).await,
             Command::Users(cmd) => users_cmd(&state, &actor, cmd).await,
             Command::Orgs(cmd) => orgs(&state, &actor, cmd).await,
+            Command::Jwt(JwtCommand::RotateSigningKey) => {
+                let master = MasterKey::load(&state.config.server.data_dir)?;
+                let kid = keyward_server::tokens::rotate_signing_key(&*state.store, &master, state.clock.now()).await?;
+                println!("now signing with {kid}; the previous key stays published until its tokens expire");
+                Ok(())
+            }
             Command::Serve | Command::Migrate | Command::Config(_) => Ok(()),
         }
     })

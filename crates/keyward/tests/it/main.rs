@@ -16,5 +16,6 @@ mod limits;
 mod redis;
 mod secrets;
 mod serve;
+mod tokens;
 mod upstream;
 mod verification;

@@ -1,0 +1,375 @@
+//! Keyward's JWTs (DESIGN.md section 3): API keys exchanged for short-lived access tokens,
+//! verified without a storage lookup wherever a key is accepted.
+//!
+//! - Ed25519 (`EdDSA`) by default, each key with a `kid`; public keys at
+//!   `/.well-known/jwks.json`; private keys stored encrypted with the master key.
+//! - `HS256` with `tokens.hs256_secret` as an option (no JWKS then).
+//! - The algorithm is fixed by configuration: a token's `alg` header must equal it, and its
+//!   `kid` only selects among keyward's own keys, so `none` and HS256-signed-with-the-public-key
+//!   are refused. Each kind of token has its own `typ` and `aud`, so none stands in for another.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use keyward_core::ids::KeyId;
+use keyward_core::{ErrorCode, Timestamp};
+use keyward_store::{SigningKeyRecord, Store};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::config::{TokenAlgorithm, TokensConfig};
+use crate::error::{ApiError, ApiResult};
+use crate::master_key::MasterKey;
+
+/// `typ` of an access token from the exchange.
+pub const ACCESS_TYP: &str = "kw-access+jwt";
+/// `typ` of the identity token sent to upstreams.
+pub const IDENTITY_TYP: &str = "kw-identity+jwt";
+/// Tokens are accepted up to this long past `exp` (clock skew).
+pub const LEEWAY_SECS: u64 = 30;
+/// The longest token lifetime; retired public keys stay published this long (plus leeway).
+pub const MAX_TTL_SECS: i64 = 3600;
+pub const IDENTITY_TTL_SECS: i64 = 60;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AccessClaims {
+    pub iss: String,
+    pub sub: String,
+    pub aud: String,
+    pub org_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    pub project_id: String,
+    pub key_id: String,
+    pub scopes: Vec<String>,
+    pub iat: i64,
+    pub nbf: i64,
+    pub exp: i64,
+    pub jti: String,
+}
+
+/// PKCS#8 v1 wrapping of an Ed25519 seed (RFC 8410), what `EncodingKey::from_ed_der` takes.
+fn ed25519_pkcs8(seed: &[u8; 32]) -> Vec<u8> {
+    const PREFIX: [u8; 16] = [
+        0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
+        0x20,
+    ];
+    let mut der = PREFIX.to_vec();
+    der.extend_from_slice(seed);
+    der
+}
+
+struct Verifier {
+    key: DecodingKey,
+    public_x: Option<String>,
+    /// Published and accepted until then (None: active).
+    valid_until: Option<Timestamp>,
+}
+
+struct Keys {
+    signing: Option<(String, EncodingKey)>,
+    verifiers: HashMap<String, Verifier>,
+}
+
+pub struct TokenService {
+    config: TokensConfig,
+    algorithm: Algorithm,
+    keys: RwLock<Keys>,
+    /// Identity tokens reused while they have 30 s or more to live: one signature per key
+    /// and half-minute instead of one per request.
+    identities: dashmap::DashMap<KeyId, (Vec<String>, String, i64)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenSetupError {
+    #[error("storage: {0}")]
+    Store(#[from] keyward_store::StoreError),
+    #[error("master key: {0}")]
+    MasterKey(#[from] crate::master_key::MasterKeyError),
+    #[error("the operating system's random source failed")]
+    Random,
+}
+
+/// Generates and stores a new Ed25519 signing key, retiring the current one.
+pub async fn rotate_signing_key(
+    store: &dyn Store,
+    master: &MasterKey,
+    now: Timestamp,
+) -> Result<String, TokenSetupError> {
+    let mut seed = secrecy::zeroize::Zeroizing::new([0u8; 32]);
+    keyward_core::key_format::fill_random(seed.as_mut()).map_err(|_| TokenSetupError::Random)?;
+    let public = ed25519_dalek::SigningKey::from_bytes(&seed)
+        .verifying_key()
+        .to_bytes();
+    let kid = format!(
+        "kw_{}",
+        &keyward_core::ids::RequestId::generate().as_str()[4..]
+    );
+    let record = SigningKeyRecord {
+        kid: kid.clone(),
+        algorithm: "EdDSA".into(),
+        public_key: public.to_vec(),
+        private_key: master.encrypt(seed.as_ref())?,
+        created_at: now,
+        retired_at: None,
+    };
+    store.add_signing_key(&record).await?;
+    Ok(kid)
+}
+
+impl TokenService {
+    /// HS256 from config, or the Ed25519 keys in the store (one is created when none exists).
+    pub async fn load(
+        config: &TokensConfig,
+        store: &dyn Store,
+        master: Option<&MasterKey>,
+        now: Timestamp,
+    ) -> Result<Self, TokenSetupError> {
+        let service = Self {
+            config: config.clone(),
+            algorithm: match config.algorithm {
+                TokenAlgorithm::EdDSA => Algorithm::EdDSA,
+                TokenAlgorithm::HS256 => Algorithm::HS256,
+            },
+            keys: RwLock::new(Keys {
+                signing: None,
+                verifiers: HashMap::new(),
+            }),
+            identities: dashmap::DashMap::new(),
+        };
+        service.reload(store, master, now).await?;
+        Ok(service)
+    }
+
+    /// Re-reads the signing keys (after `keyward jwt rotate-signing-key` on any node).
+    pub async fn reload(
+        &self,
+        store: &dyn Store,
+        master: Option<&MasterKey>,
+        now: Timestamp,
+    ) -> Result<(), TokenSetupError> {
+        let mut keys = Keys {
+            signing: None,
+            verifiers: HashMap::new(),
+        };
+        match self.config.algorithm {
+            TokenAlgorithm::HS256 => {
+                let secret = self.config.hs256_secret.clone().unwrap_or_default();
+                keys.signing = Some(("hs256".into(), EncodingKey::from_secret(secret.as_bytes())));
+                keys.verifiers.insert(
+                    "hs256".into(),
+                    Verifier {
+                        key: DecodingKey::from_secret(secret.as_bytes()),
+                        public_x: None,
+                        valid_until: None,
+                    },
+                );
+            }
+            TokenAlgorithm::EdDSA => {
+                let Some(master) = master else {
+                    return Ok(());
+                };
+                let mut records = store.signing_keys().await?;
+                if !records.iter().any(|r| r.retired_at.is_none()) {
+                    rotate_signing_key(store, master, now).await?;
+                    records = store.signing_keys().await?;
+                }
+                let horizon = (MAX_TTL_SECS + LEEWAY_SECS as i64) * 1000;
+                for record in records.iter().filter(|r| r.algorithm == "EdDSA") {
+                    let valid_until = record.retired_at.map(|at| at.plus_millis(horizon));
+                    if valid_until.is_some_and(|until| until <= now) {
+                        continue;
+                    }
+                    keys.verifiers.insert(
+                        record.kid.clone(),
+                        Verifier {
+                            key: DecodingKey::from_ed_der(&record.public_key),
+                            public_x: Some(URL_SAFE_NO_PAD.encode(&record.public_key)),
+                            valid_until,
+                        },
+                    );
+                    if record.retired_at.is_none() && keys.signing.is_none() {
+                        let seed = master.decrypt(&record.private_key)?;
+                        let seed: [u8; 32] = seed
+                            .as_slice()
+                            .try_into()
+                            .map_err(|_| crate::master_key::MasterKeyError::Decrypt)?;
+                        keys.signing = Some((
+                            record.kid.clone(),
+                            EncodingKey::from_ed_der(&ed25519_pkcs8(&seed)),
+                        ));
+                    }
+                }
+            }
+        }
+        if let Ok(mut slot) = self.keys.write() {
+            // A new signing key: identity tokens signed by the old one are re-issued.
+            let same_signer =
+                slot.signing.as_ref().map(|s| &s.0) == keys.signing.as_ref().map(|s| &s.0);
+            *slot = keys;
+            if !same_signer {
+                self.identities.clear();
+            }
+        }
+        Ok(())
+    }
+
+    pub fn ttl_seconds(&self) -> u64 {
+        self.config.ttl_seconds
+    }
+
+    fn sign<T: Serialize>(&self, typ: &str, claims: &T) -> ApiResult<String> {
+        let keys = self
+            .keys
+            .read()
+            .map_err(|_| ApiError::internal("token keys lock poisoned"))?;
+        let (kid, key) = keys
+            .signing
+            .as_ref()
+            .ok_or_else(|| ApiError::internal("no signing key loaded"))?;
+        let mut header = Header::new(self.algorithm);
+        header.kid = Some(kid.clone());
+        header.typ = Some(typ.to_owned());
+        jsonwebtoken::encode(&header, claims, key).map_err(ApiError::internal)
+    }
+
+    /// A fresh access token for a verified key.
+    pub fn issue_access(
+        &self,
+        key: &keyward_core::key::ApiKey,
+        now: Timestamp,
+    ) -> ApiResult<String> {
+        let iat = now.as_secs();
+        let claims = AccessClaims {
+            iss: self.config.issuer.clone(),
+            sub: key.id.to_string(),
+            aud: self.config.audience.clone(),
+            org_id: key.org_id.to_string(),
+            user_id: key
+                .created_by
+                .starts_with("usr_")
+                .then(|| key.created_by.clone()),
+            project_id: key.project_id.to_string(),
+            key_id: key.id.to_string(),
+            scopes: key.scopes.clone(),
+            iat,
+            nbf: iat,
+            exp: iat + i64::try_from(self.config.ttl_seconds).unwrap_or(900),
+            jti: keyward_core::ids::RequestId::generate().as_str()[4..].to_owned(),
+        };
+        self.sign(ACCESS_TYP, &claims)
+    }
+
+    /// The identity token for upstreams: same claims, its own `typ` and `aud`, 60 s.
+    pub fn issue_identity(
+        &self,
+        key: &keyward_core::key::ApiKey,
+        now: Timestamp,
+    ) -> ApiResult<String> {
+        let iat = now.as_secs();
+        let claims = AccessClaims {
+            iss: self.config.issuer.clone(),
+            sub: key.id.to_string(),
+            aud: format!("{}-upstream", self.config.audience),
+            org_id: key.org_id.to_string(),
+            user_id: key
+                .created_by
+                .starts_with("usr_")
+                .then(|| key.created_by.clone()),
+            project_id: key.project_id.to_string(),
+            key_id: key.id.to_string(),
+            scopes: key.scopes.clone(),
+            iat,
+            nbf: iat,
+            exp: iat + IDENTITY_TTL_SECS,
+            jti: keyward_core::ids::RequestId::generate().as_str()[4..].to_owned(),
+        };
+        self.sign(IDENTITY_TYP, &claims)
+    }
+
+    /// The identity token for this key, reused while it has 30 s or more to live.
+    pub fn identity_for(
+        &self,
+        key: &keyward_core::key::ApiKey,
+        now: Timestamp,
+    ) -> ApiResult<String> {
+        if let Some(entry) = self.identities.get(&key.id) {
+            let (scopes, token, exp) = entry.value();
+            if *exp - now.as_secs() >= IDENTITY_TTL_SECS / 2 && scopes == &key.scopes {
+                return Ok(token.clone());
+            }
+        }
+        let token = self.issue_identity(key, now)?;
+        self.identities.insert(
+            key.id.clone(),
+            (
+                key.scopes.clone(),
+                token.clone(),
+                now.as_secs() + IDENTITY_TTL_SECS,
+            ),
+        );
+        Ok(token)
+    }
+
+    /// Verifies an access token: signature with one of our keys, the configured algorithm,
+    /// `typ`, `iss`, `aud`, `exp`/`nbf` with 30 s leeway. Expired → `expired_token`;
+    /// anything else → `invalid_token`.
+    pub fn verify_access(&self, token: &str, now: Timestamp) -> ApiResult<(KeyId, AccessClaims)> {
+        let invalid = || ApiError::new(ErrorCode::InvalidToken);
+        let header = jsonwebtoken::decode_header(token).map_err(|_| invalid())?;
+        if header.alg != self.algorithm || header.typ.as_deref() != Some(ACCESS_TYP) {
+            return Err(invalid());
+        }
+        let kid = header.kid.ok_or_else(invalid)?;
+        let keys = self
+            .keys
+            .read()
+            .map_err(|_| ApiError::internal("token keys lock poisoned"))?;
+        let verifier = keys.verifiers.get(&kid).ok_or_else(invalid)?;
+        if verifier.valid_until.is_some_and(|until| until <= now) {
+            return Err(invalid());
+        }
+        let mut validation = Validation::new(self.algorithm);
+        validation.leeway = LEEWAY_SECS;
+        validation.validate_nbf = true;
+        validation.set_issuer(&[&self.config.issuer]);
+        validation.set_audience(&[&self.config.audience]);
+        validation.set_required_spec_claims(&["exp", "nbf", "iss", "aud", "sub"]);
+        let data = jsonwebtoken::decode::<AccessClaims>(token, &verifier.key, &validation)
+            .map_err(|e| match e.kind() {
+                ErrorKind::ExpiredSignature => ApiError::new(ErrorCode::ExpiredToken),
+                _ => invalid(),
+            })?;
+        let key_id = KeyId::parse(&data.claims.key_id).ok_or_else(invalid)?;
+        if data.claims.sub != data.claims.key_id {
+            return Err(invalid());
+        }
+        Ok((key_id, data.claims))
+    }
+
+    /// `{"keys": [...]}` with every published Ed25519 key.
+    pub fn jwks(&self) -> serde_json::Value {
+        let keys = match self.keys.read() {
+            Ok(keys) => keys
+                .verifiers
+                .iter()
+                .filter_map(|(kid, v)| {
+                    v.public_x.as_ref().map(|x| {
+                        json!({"kty": "OKP", "crv": "Ed25519", "x": x, "kid": kid, "alg": "EdDSA", "use": "sig"})
+                    })
+                })
+                .collect::<Vec<_>>(),
+            Err(_) => Vec::new(),
+        };
+        json!({ "keys": keys })
+    }
+}
+
+/// A bearer value that is a JWT rather than a key: keys never contain dots.
+pub fn looks_like_jwt(token: &[u8]) -> bool {
+    token.starts_with(b"eyJ") && token.iter().filter(|&&b| b == b'.').count() == 2
+}

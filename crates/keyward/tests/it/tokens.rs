@@ -1,0 +1,352 @@
+//! Tokens: exchange, JWKS, JWTs as credentials, identity tokens, signing-key rotation, and
+//! attacks — checked with an independent implementation (PyJWT) that sees only the JWKS.
+
+use std::process::Command;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::harness::TestServer;
+
+const TOOL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/jwt_tool.py");
+
+fn tool(args: &[&str]) -> String {
+    let out = Command::new("python3")
+        .arg(TOOL)
+        .args(args)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "jwt_tool {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+async fn exchange(s: &TestServer, key: &str) -> crate::harness::Reply {
+    s.call(Method::POST, "/v1/tokens/exchange", Some(key), None)
+        .await
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+#[tokio::test]
+async fn exchanged_tokens_verify_independently_and_work_as_credentials() {
+    let s = TestServer::start().await;
+    let (id, key) = s
+        .create_key(json!({"scopes": ["inference", "management"]}))
+        .await;
+    let r = exchange(&s, &key).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+    assert_eq!(r.body["token_type"], "Bearer");
+    assert_eq!(r.body["expires_in"], 900);
+    let token = r.body["token"].as_str().unwrap().to_owned();
+
+    // PyJWT, with nothing but the JWKS document.
+    let claims: Value = serde_json::from_str(&tool(&[
+        "verify",
+        &s.base,
+        &token,
+        "keyward",
+        "http://localhost:8080",
+    ]))
+    .unwrap();
+    assert_eq!(claims["sub"], id.as_str());
+    assert_eq!(claims["key_id"], id.as_str());
+    assert_eq!(claims["scopes"], json!(["inference", "management"]));
+    let org = s.admin(Method::GET, "/v1/org", None).await.body["id"].clone();
+    assert_eq!(claims["org_id"], org);
+    assert!(claims["project_id"].as_str().unwrap().starts_with("proj_"));
+    assert_eq!(
+        claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(),
+        900
+    );
+    assert!(claims["jti"].is_string());
+    let jwks = s
+        .call(Method::GET, "/.well-known/jwks.json", None, None)
+        .await;
+    assert_eq!(jwks.body["keys"][0]["kty"], "OKP");
+    assert_eq!(jwks.body["keys"][0]["alg"], "EdDSA");
+
+    // Accepted wherever a key is: the proxy, forward-auth, verify, the management API.
+    let echo = s.call(Method::GET, "/echo/x", Some(&token), None).await;
+    assert_eq!(echo.status, 200, "{}", echo.text);
+    assert_eq!(echo.body["headers"]["x-keyward-key-id"], id.as_str());
+    assert!(echo.body["headers"].get("authorization").is_none());
+    assert!(echo.header("x-ratelimit-limit").is_some());
+    let auth = s
+        .client
+        .get(format!("{}/v1/auth", s.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(auth.status(), 200);
+    let verify = s
+        .call(
+            Method::POST,
+            "/v1/verify",
+            None,
+            Some(json!({"key": token})),
+        )
+        .await;
+    assert_eq!(verify.body["valid"], true);
+    assert_eq!(
+        s.call(Method::GET, "/v1/org", Some(&token), None)
+            .await
+            .status,
+        200
+    );
+
+    // The upstream gets an identity token it can verify through the JWKS, and it is no
+    // access token: it cannot be used as a credential.
+    let identity = echo.body["headers"]["x-keyward-identity"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let id_claims: Value = serde_json::from_str(&tool(&[
+        "verify",
+        &s.base,
+        &identity,
+        "keyward-upstream",
+        "http://localhost:8080",
+    ]))
+    .unwrap();
+    assert_eq!(id_claims["key_id"], id.as_str());
+    assert!(id_claims["exp"].as_i64().unwrap() - id_claims["iat"].as_i64().unwrap() <= 60);
+    s.call(Method::GET, "/echo/x", Some(&identity), None)
+        .await
+        .assert_error(401, "invalid_token");
+    // A client-sent identity header never reaches the upstream.
+    let spoof = s
+        .client
+        .get(format!("{}/echo/x", s.base))
+        .bearer_auth(&key)
+        .header("x-keyward-identity", "forged")
+        .send()
+        .await
+        .unwrap();
+    let seen: Value = spoof.json().await.unwrap();
+    assert_ne!(seen["headers"]["x-keyward-identity"], "forged");
+
+    // A token cannot be exchanged for a longer-lived one.
+    exchange(&s, &token)
+        .await
+        .assert_error(401, "invalid_token");
+    assert!(!s.stdout().contains(&token), "a token was logged");
+
+    // The master key was generated into the data directory, private, and never logged.
+    let master = s.dir.path().join("keyward-data/master.key");
+    let value = std::fs::read_to_string(&master).unwrap();
+    assert_eq!(value.trim().len(), 43);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&master).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+    let logs = s.stdout() + &s.stderr();
+    assert!(logs.contains("generated a new master key"));
+    assert!(!logs.contains(value.trim()), "the master key was logged");
+}
+
+#[tokio::test]
+async fn the_exchange_path_is_configurable() {
+    let s = TestServer::start_with(&[("KEYWARD_TOKENS__EXCHANGE_PATH", "/api/v1/tokens/exchange")])
+        .await;
+    let (_, key) = s.create_key(json!({})).await;
+    let r = s
+        .call(Method::POST, "/api/v1/tokens/exchange", Some(&key), None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["expires_in"], 900);
+    exchange(&s, &key)
+        .await
+        .assert_error(404, "route_not_found");
+}
+
+#[tokio::test]
+async fn forged_and_tampered_tokens_are_refused() {
+    let s = TestServer::start().await;
+    let (_, key) = s.create_key(json!({"scopes": ["inference"]})).await;
+    let token = exchange(&s, &key).await.body["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for forged in [
+        tool(&["forge-none", &token]),
+        tool(&["forge-hs256-public", &s.base, &token]),
+        tool(&["tamper", &token]),
+        tool(&["rekid", &token]),
+        format!("{token}x"),
+        "eyJhbGciOiJFZERTQSJ9.e30.".to_owned(),
+    ] {
+        let r = s.call(Method::GET, "/echo/x", Some(&forged), None).await;
+        r.assert_error(401, "invalid_token");
+    }
+    // The tampered token would have carried research; it was refused, not trusted.
+    let r = s
+        .call(
+            Method::POST,
+            "/v1/verify",
+            None,
+            Some(json!({"key": tool(&["tamper", &token])})),
+        )
+        .await;
+    assert_eq!(r.body, json!({"valid": false, "code": "invalid_token"}));
+}
+
+#[tokio::test]
+async fn revoking_the_key_ends_its_tokens_at_once() {
+    let s = TestServer::start().await;
+    let (id, key) = s.create_key(json!({"scopes": ["inference"]})).await;
+    let token = exchange(&s, &key).await.body["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        s.call(Method::GET, "/echo/x", Some(&token), None)
+            .await
+            .status,
+        200
+    );
+    s.admin(Method::DELETE, &format!("/v1/keys/{id}"), None)
+        .await;
+    s.call(Method::GET, "/echo/x", Some(&token), None)
+        .await
+        .assert_error(401, "key_revoked");
+    // Scopes come from the token and must still be on the key: a token cannot reach a route
+    // its key was not allowed on.
+    let (_, narrow) = s.create_key(json!({"scopes": ["research"]})).await;
+    let narrow_token = exchange(&s, &narrow).await.body["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    s.call(Method::GET, "/echo/x", Some(&narrow_token), None)
+        .await
+        .assert_error(403, "insufficient_scope");
+}
+
+#[tokio::test]
+async fn hs256_mode_and_expired_tokens() {
+    let secret = "an-hs256-secret-of-at-least-32-bytes!!";
+    let s = TestServer::start_with(&[
+        ("KEYWARD_TOKENS__ALGORITHM", "HS256"),
+        ("KEYWARD_TOKENS__HS256_SECRET", secret),
+    ])
+    .await;
+    let (id, key) = s.create_key(json!({"scopes": ["inference"]})).await;
+    let token = exchange(&s, &key).await.body["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        s.call(Method::GET, "/echo/x", Some(&token), None)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        s.call(Method::GET, "/.well-known/jwks.json", None, None)
+            .await
+            .body,
+        json!({"keys": []})
+    );
+
+    let org = s.admin(Method::GET, "/v1/org", None).await.body["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let claims = |exp: i64| {
+        json!({"iss": "http://localhost:8080", "sub": id, "aud": "keyward", "org_id": org,
+               "project_id": "proj_01JZZZZZZZZZZZZZZZZZZZZZZZ", "key_id": id, "scopes": ["inference"],
+               "iat": exp - 900, "nbf": exp - 900, "exp": exp, "jti": "x"})
+        .to_string()
+    };
+    // Expired beyond the 30 s leeway.
+    let expired = tool(&["hs256", secret, &claims(now() - 120), "kw-access+jwt"]);
+    s.call(Method::GET, "/echo/x", Some(&expired), None)
+        .await
+        .assert_error(401, "expired_token");
+    // Within the leeway it still passes.
+    let recent = tool(&["hs256", secret, &claims(now() - 5), "kw-access+jwt"]);
+    assert_eq!(
+        s.call(Method::GET, "/echo/x", Some(&recent), None)
+            .await
+            .status,
+        200
+    );
+    // Wrong secret, wrong typ.
+    let wrong = tool(&[
+        "hs256",
+        "another-secret-of-at-least-32-bytes!!!",
+        &claims(now() + 600),
+        "kw-access+jwt",
+    ]);
+    s.call(Method::GET, "/echo/x", Some(&wrong), None)
+        .await
+        .assert_error(401, "invalid_token");
+    let identity_typ = tool(&["hs256", secret, &claims(now() + 600), "kw-identity+jwt"]);
+    s.call(Method::GET, "/echo/x", Some(&identity_typ), None)
+        .await
+        .assert_error(401, "invalid_token");
+}
+
+#[tokio::test]
+async fn signing_key_rotation_keeps_old_tokens_valid() {
+    let s = TestServer::start().await;
+    let (_, key) = s.create_key(json!({"scopes": ["inference"]})).await;
+    let before = exchange(&s, &key).await.body["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (st, out, err) =
+        crate::harness::cli(s.dir.path(), &["jwt", "rotate-signing-key"], None, &[]);
+    assert!(st.success(), "{err}");
+    assert!(out.contains("now signing with"), "{out}");
+    // The server reloads its keys within 10 s; afterwards new tokens carry the new kid.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let jwks = s
+            .call(Method::GET, "/.well-known/jwks.json", None, None)
+            .await;
+        if jwks.body["keys"].as_array().unwrap().len() == 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rotation not picked up"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    let after = exchange(&s, &key).await.body["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let kid = |t: &str| tool(&["verify", &s.base, t, "keyward", "http://localhost:8080"]);
+    assert_ne!(
+        before.split('.').next(),
+        after.split('.').next(),
+        "a new kid signs"
+    );
+    // Both verify, with the server and independently.
+    for token in [&before, &after] {
+        assert_eq!(
+            s.call(Method::GET, "/echo/x", Some(token), None)
+                .await
+                .status,
+            200
+        );
+        assert!(kid(token).contains("key_id"));
+    }
+}
