@@ -11,7 +11,7 @@ use keyward_server::limits::{LimitPlan, MemoryBackend, Policy};
 
 fn plan(key_id: KeyId, org_id: OrgId) -> LimitPlan {
     LimitPlan {
-        key_id,
+        key_id: Some(key_id),
         org_id,
         limits: vec![
             (

@@ -67,18 +67,81 @@ fn trim_spaces(bytes: &[u8]) -> &[u8] {
     &bytes[start..]
 }
 
-/// A caller whose key passed every check.
+/// Who a verified caller is.
+#[derive(Debug, Clone)]
+pub enum Subject {
+    /// An API key (or an access token exchanged for one).
+    Key(Arc<ApiKey>),
+    /// A person, vouched for by a trusted frontend's proxy-auth JWT (internal listener only).
+    User {
+        user_id: String,
+        project_id: Option<String>,
+        scopes: Vec<String>,
+    },
+}
+
+/// A caller who passed every check.
 #[derive(Debug, Clone)]
 pub struct Principal {
-    pub key: Arc<ApiKey>,
+    pub subject: Subject,
+    pub org_id: keyward_core::ids::OrgId,
     pub client_ip: IpAddr,
     pub org_tier: Arc<str>,
 }
 
+/// Marks requests that came in on `server.internal_listen`, where proxy-auth JWTs count.
+#[derive(Debug, Clone, Copy)]
+pub struct InternalListener;
+
+pub const PROXY_AUTH_HEADER: &str = "x-keyward-proxy-auth";
+
 impl Principal {
+    fn of_key(key: Arc<ApiKey>, client_ip: IpAddr, org_tier: Arc<str>) -> Self {
+        Self {
+            org_id: key.org_id.clone(),
+            subject: Subject::Key(key),
+            client_ip,
+            org_tier,
+        }
+    }
+
+    pub fn key(&self) -> Option<&Arc<ApiKey>> {
+        match &self.subject {
+            Subject::Key(key) => Some(key),
+            Subject::User { .. } => None,
+        }
+    }
+
     /// How the audit log names this caller.
     pub fn actor_id(&self) -> String {
-        self.key.id.to_string()
+        match &self.subject {
+            Subject::Key(key) => key.id.to_string(),
+            Subject::User { user_id, .. } => user_id.clone(),
+        }
+    }
+
+    pub fn scopes(&self) -> &[String] {
+        match &self.subject {
+            Subject::Key(key) => &key.scopes,
+            Subject::User { scopes, .. } => scopes,
+        }
+    }
+
+    pub fn project_id(&self) -> Option<&str> {
+        match &self.subject {
+            Subject::Key(key) => Some(key.project_id.as_str()),
+            Subject::User { project_id, .. } => project_id.as_deref(),
+        }
+    }
+
+    pub fn user_id(&self) -> Option<&str> {
+        match &self.subject {
+            Subject::Key(key) => key
+                .created_by
+                .starts_with("usr_")
+                .then_some(key.created_by.as_str()),
+            Subject::User { user_id, .. } => Some(user_id),
+        }
     }
 }
 
@@ -93,6 +156,54 @@ pub async fn authenticate(
 ) -> ApiResult<Principal> {
     let token = extract_credential(headers, &state.config.auth)?;
     verify_token(state, token, client_ip, route, required_scopes).await
+}
+
+/// As [`authenticate`], and on the internal listener a proxy-auth JWT stands in for a key.
+pub async fn authenticate_on(
+    state: &AppState,
+    extensions: &axum::http::Extensions,
+    headers: &HeaderMap,
+    client_ip: IpAddr,
+    route: Option<&str>,
+    required_scopes: &[String],
+) -> ApiResult<Principal> {
+    if extensions.get::<InternalListener>().is_some()
+        && let Some(value) = headers.get(PROXY_AUTH_HEADER)
+    {
+        return verify_proxy_auth(state, value.as_bytes(), client_ip, required_scopes).await;
+    }
+    authenticate(state, headers, client_ip, route, required_scopes).await
+}
+
+async fn verify_proxy_auth(
+    state: &AppState,
+    token: &[u8],
+    client_ip: IpAddr,
+    required_scopes: &[String],
+) -> ApiResult<Principal> {
+    let invalid = || ApiError::new(ErrorCode::InvalidToken);
+    let tokens = state.tokens.as_ref().ok_or_else(invalid)?;
+    let token = std::str::from_utf8(token).map_err(|_| invalid())?;
+    let claims = tokens.verify_proxy_auth(token, state.clock.now())?;
+    if !required_scopes.iter().all(|s| claims.scopes.contains(s)) {
+        return Err(ApiError::new(ErrorCode::InsufficientScope));
+    }
+    let org_id = keyward_core::ids::OrgId::parse(&claims.org_id).ok_or_else(invalid)?;
+    let org_tier = match state.store.get_org(&org_id).await {
+        Ok(org) => Arc::from(org.tier),
+        Err(keyward_store::StoreError::NotFound) => return Err(invalid()),
+        Err(e) => return Err(e.into()),
+    };
+    Ok(Principal {
+        subject: Subject::User {
+            user_id: claims.sub,
+            project_id: claims.project_id,
+            scopes: claims.scopes,
+        },
+        org_id,
+        client_ip,
+        org_tier,
+    })
 }
 
 /// Steps 1 (well-formed) to 5 for a credential already taken from the request.
@@ -120,11 +231,7 @@ pub async fn verify_token(
         required_scopes,
     };
     match authorize(&secret.key, secret.validity, access, now) {
-        Ok(()) => Ok(Principal {
-            key: secret.key,
-            client_ip,
-            org_tier: secret.org_tier,
-        }),
+        Ok(()) => Ok(Principal::of_key(secret.key, client_ip, secret.org_tier)),
         Err(code) => {
             if let Some(outcome) = Outcome::of(code) {
                 state.usage.record(&secret.key.id, outcome, now);
@@ -165,11 +272,7 @@ async fn verify_jwt(
         }
     });
     match verdict {
-        Ok(()) => Ok(Principal {
-            key: secret.key,
-            client_ip,
-            org_tier: secret.org_tier,
-        }),
+        Ok(()) => Ok(Principal::of_key(secret.key, client_ip, secret.org_tier)),
         Err(code) => {
             if let Some(outcome) = Outcome::of(code) {
                 state.usage.record(&secret.key.id, outcome, now);
@@ -192,23 +295,29 @@ pub struct Admission {
 /// outcome in the key's usage.
 pub async fn admit(state: &AppState, principal: &Principal, cost: u32) -> ApiResult<Admission> {
     let now = state.clock.now();
-    let plan = state
-        .limiter
-        .plan(&principal.key, &principal.org_tier, cost);
+    let plan = match principal.key() {
+        Some(key) => state.limiter.plan(key, &principal.org_tier, cost),
+        None => state
+            .limiter
+            .plan_for_org(&principal.org_id, &principal.org_tier, cost),
+    };
     let report = state.limiter.decide(&plan, now).await?;
     let headers = report.headers(state.config.ratelimit.draft_headers);
+    let record = |outcome| {
+        if let Some(key) = principal.key() {
+            state.usage.record(&key.id, outcome, now);
+        }
+    };
     match report.error() {
         None => {
-            state.usage.record(&principal.key.id, Outcome::Allowed, now);
+            record(Outcome::Allowed);
             Ok(Admission {
                 headers,
                 credits_remaining: report.credits_remaining,
             })
         }
         Some(mut error) => {
-            state
-                .usage
-                .record(&principal.key.id, Outcome::RateLimited, now);
+            record(Outcome::RateLimited);
             error.headers = Some(Box::new(headers));
             Err(error)
         }
@@ -229,10 +338,20 @@ impl FromRequestParts<AppState> for Management {
     ) -> Result<Self, Self::Rejection> {
         let ClientIp(ip) = ClientIp::from_request_parts(parts, state).await?;
         let required = [MANAGEMENT_SCOPE.to_owned()];
-        let principal = authenticate(state, &parts.headers, ip, None, &required).await?;
-        state
-            .usage
-            .record(&principal.key.id, Outcome::Allowed, state.clock.now());
+        let principal = authenticate_on(
+            state,
+            &parts.extensions,
+            &parts.headers,
+            ip,
+            None,
+            &required,
+        )
+        .await?;
+        if let Some(key) = principal.key() {
+            state
+                .usage
+                .record(&key.id, Outcome::Allowed, state.clock.now());
+        }
         Ok(Management(principal))
     }
 }
@@ -255,6 +374,7 @@ mod tests {
             bearer: true,
             key_headers: vec!["x-api-key".into()],
             hide_credentials: true,
+            proxy_jwt_secret: None,
         }
     }
 

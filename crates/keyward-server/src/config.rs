@@ -161,6 +161,8 @@ pub struct AuthConfig {
     pub key_headers: Vec<String>,
     /// Remove the credential before proxying.
     pub hide_credentials: bool,
+    /// HS256 secret of proxy-auth JWTs from a trusted frontend (internal listener only).
+    pub proxy_jwt_secret: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -333,6 +335,7 @@ const KNOWN_KEYS: &[&str] = &[
     "auth.bearer",
     "auth.key_headers",
     "auth.hide_credentials",
+    "auth.proxy_jwt_secret",
     "cors.origins",
     "usage.flush_seconds",
     "cache.negative_capacity",
@@ -606,6 +609,10 @@ fn build(figment: &Figment) -> Result<Config, ConfigErrors> {
         );
     }
     let hide_credentials = r.get("auth.hide_credentials", true);
+    let proxy_jwt_secret: Option<String> = r.get("auth.proxy_jwt_secret", None);
+    if proxy_jwt_secret.as_ref().is_some_and(|s| s.len() < 32) {
+        r.fail("auth.proxy_jwt_secret", "needs at least 32 bytes");
+    }
     let origins: Vec<String> = r.get("cors.origins", Vec::new());
     for (i, o) in origins.iter().enumerate() {
         if axum::http::HeaderValue::from_str(o).is_err()
@@ -640,6 +647,14 @@ fn build(figment: &Figment) -> Result<Config, ConfigErrors> {
         );
     }
     let issuer: String = r.get("tokens.issuer", public_origin.clone());
+    if hs256_secret.is_some()
+        && hs256_secret == r.get::<Option<String>>("auth.proxy_jwt_secret", None)
+    {
+        r.fail(
+            "auth.proxy_jwt_secret",
+            "must differ from tokens.hs256_secret",
+        );
+    }
     let audience: String = r.get("tokens.audience", "keyward".to_owned());
     let exchange_path: String = r.get("tokens.exchange_path", "/v1/tokens/exchange".to_owned());
     let own_paths = [
@@ -705,6 +720,7 @@ fn build(figment: &Figment) -> Result<Config, ConfigErrors> {
             bearer,
             key_headers,
             hide_credentials,
+            proxy_jwt_secret,
         },
         cors: CorsConfig { origins },
         usage: UsageConfig { flush_seconds },

@@ -10,7 +10,7 @@ use keyward_core::ErrorCode;
 use keyward_core::ids::RequestId;
 use keyward_core::path;
 
-use crate::auth::{admit, authenticate};
+use crate::auth::{admit, authenticate_on};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::client_ip;
 use crate::proxy::{self, Forward};
@@ -72,8 +72,15 @@ async fn decide_and_forward(
         req.headers(),
         &state.config.server.trusted_proxies,
     );
-    let principal =
-        authenticate(state, req.headers(), ip, Some(&route.name), &route.scopes).await?;
+    let principal = authenticate_on(
+        state,
+        req.extensions(),
+        req.headers(),
+        ip,
+        Some(&route.name),
+        &route.scopes,
+    )
+    .await?;
     let admission = admit(state, &principal, route.cost).await?;
     let upstream_path = if route.strip_prefix {
         path::strip(&route.prefix, &path)

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::auth::{admit, authenticate, verify_token};
+use crate::auth::{admit, authenticate_on, verify_token};
 use crate::data_plane::{RouteLabel, normalized_path};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiJson, client_ip};
@@ -21,9 +21,10 @@ use crate::state::AppState;
 pub async fn forward_auth(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    parts: axum::http::request::Parts,
 ) -> ApiResult<Response> {
-    let ip = client_ip(peer.ip(), &headers, &state.config.server.trusted_proxies);
+    let headers = &parts.headers;
+    let ip = client_ip(peer.ip(), headers, &state.config.server.trusted_proxies);
     let original_uri = headers
         .get("x-forwarded-uri")
         .or_else(|| headers.get("x-original-uri"))
@@ -36,7 +37,15 @@ pub async fn forward_auth(
         None => None,
     };
     let scopes: &[String] = route.map(|r| r.scopes.as_slice()).unwrap_or_default();
-    let principal = authenticate(&state, &headers, ip, route.map(|r| &*r.name), scopes).await?;
+    let principal = authenticate_on(
+        &state,
+        &parts.extensions,
+        headers,
+        ip,
+        route.map(|r| &*r.name),
+        scopes,
+    )
+    .await?;
     let cost = route.map(|r| r.cost).unwrap_or(1);
     let admission = admit(&state, &principal, cost).await?;
     let mut response = StatusCode::OK.into_response();
@@ -108,7 +117,9 @@ pub async fn verify(
     let ratelimit = ratelimit_object(&limit_headers);
     let body = match verdict {
         Ok((principal, credits_remaining)) => {
-            let key = &principal.key;
+            let key = principal
+                .key()
+                .ok_or_else(|| ApiError::internal("verify resolved no key"))?;
             json!({
                 "valid": true,
                 "code": "VALID",

@@ -99,7 +99,8 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// The internal listener: health, readiness, Prometheus metrics.
+/// The internal listener: health, readiness, Prometheus metrics, and the whole public
+/// application, where a trusted frontend's proxy-auth JWT (`X-Keyward-Proxy-Auth`) also counts.
 pub fn internal_app(state: AppState, metrics: Option<PrometheusHandle>) -> Router {
     let render = move || {
         let text = metrics
@@ -115,12 +116,18 @@ pub fn internal_app(state: AppState, metrics: Option<PrometheusHandle>) -> Route
         )
         .route("/readyz", get(readyz))
         .route("/metrics", get(render))
-        .fallback(|| async { ApiError::new(ErrorCode::NotFound) })
-        .layer(axum::middleware::from_fn_with_state(
+        .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             middleware::request_context,
         ))
-        .with_state(state)
+        .with_state(state.clone())
+        .fallback_service(app(state))
+        .layer(axum::middleware::map_request(
+            |mut req: axum::extract::Request| async move {
+                req.extensions_mut().insert(auth::InternalListener);
+                req
+            },
+        ))
 }
 
 async fn readyz(

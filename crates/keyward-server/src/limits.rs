@@ -20,7 +20,8 @@ use crate::error::ApiError;
 /// The limits that apply to one request, in reporting order.
 #[derive(Debug, Clone)]
 pub struct LimitPlan {
-    pub key_id: KeyId,
+    /// The key whose quota and credits apply (none for a proxy-authenticated user).
+    pub key_id: Option<KeyId>,
     pub org_id: OrgId,
     pub limits: Vec<(Policy, Limit)>,
     pub cost: u64,
@@ -233,18 +234,31 @@ impl MemoryBackend {
         now: Timestamp,
     ) -> Result<LimitReport, BackendError> {
         let t = now.as_millis();
-        if !self.keys.contains_key(&plan.key_id) {
-            self.keys.entry(plan.key_id.clone()).or_default();
+        if let Some(key_id) = &plan.key_id
+            && !self.keys.contains_key(key_id)
+        {
+            self.keys.entry(key_id.clone()).or_default();
         }
         if !self.orgs.contains_key(&plan.org_id) {
             self.orgs.entry(plan.org_id.clone()).or_default();
         }
-        let key_entry = self.keys.get(&plan.key_id).ok_or_else(poisoned)?;
+        let key_entry = match &plan.key_id {
+            Some(key_id) => Some(self.keys.get(key_id).ok_or_else(poisoned)?),
+            None => None,
+        };
         let org_entry = self.orgs.get(&plan.org_id).ok_or_else(poisoned)?;
         // Lock order: key, then organisation, then credits — the same everywhere.
-        let mut key = key_entry.lock().map_err(|_| poisoned())?;
+        let mut key_guard = match &key_entry {
+            Some(entry) => Some(entry.lock().map_err(|_| poisoned())?),
+            None => None,
+        };
         let mut org = org_entry.lock().map_err(|_| poisoned())?;
         let org = &mut *org;
+        let mut no_key = KeyLog::default();
+        let key: &mut KeyLog = match key_guard.as_deref_mut() {
+            Some(k) => k,
+            None => &mut no_key,
+        };
         if let Some((_, limit)) = plan.limits.iter().find(|(p, _)| *p == Policy::Key) {
             key.window_ms = limit.window_ms;
         }
@@ -266,13 +280,13 @@ impl MemoryBackend {
         }
         let cost = i64::try_from(plan.cost).unwrap_or(i64::MAX);
         let mut credits_remaining = None;
-        if let Some(credit_plan) = &plan.credits {
-            if !self.credits.contains_key(&plan.key_id) {
+        if let (Some(credit_plan), Some(key_id)) = (&plan.credits, &plan.key_id) {
+            if !self.credits.contains_key(key_id) {
                 self.credits
-                    .entry(plan.key_id.clone())
+                    .entry(key_id.clone())
                     .or_insert_with(|| Mutex::new(CreditState::load(credit_plan, now)));
             }
-            let entry = self.credits.get(&plan.key_id).ok_or_else(poisoned)?;
+            let entry = self.credits.get(key_id).ok_or_else(poisoned)?;
             let mut credits = entry.lock().map_err(|_| poisoned())?;
             credits.refresh(credit_plan, now);
             if credits.remaining < cost {
@@ -304,7 +318,10 @@ impl MemoryBackend {
         let Some(credit_plan) = &plan.credits else {
             return Ok(None);
         };
-        match self.credits.get(&plan.key_id) {
+        let Some(key_id) = &plan.key_id else {
+            return Ok(None);
+        };
+        match self.credits.get(key_id) {
             Some(entry) => {
                 let mut credits = entry.lock().map_err(|_| poisoned())?;
                 credits.refresh(credit_plan, now);
@@ -416,7 +433,7 @@ impl Limiter {
             ));
         }
         LimitPlan {
-            key_id: key.id.clone(),
+            key_id: Some(key.id.clone()),
             org_id: key.org_id.clone(),
             limits,
             cost: u64::from(cost),
@@ -425,6 +442,38 @@ impl Limiter {
                 version: key.credits_version,
                 refill: key.refill.clone(),
             }),
+        }
+    }
+
+    /// The organisation's tier limits alone (a proxy-authenticated user has no key quota).
+    pub fn plan_for_org(&self, org_id: &OrgId, org_tier: &str, cost: u32) -> LimitPlan {
+        let limits = self
+            .tier(org_tier)
+            .map(|tier| {
+                vec![
+                    (
+                        Policy::OrgMinute,
+                        Limit {
+                            limit: u64::from(tier.per_minute),
+                            window_ms: 60_000,
+                        },
+                    ),
+                    (
+                        Policy::OrgHour,
+                        Limit {
+                            limit: u64::from(tier.per_hour),
+                            window_ms: 3_600_000,
+                        },
+                    ),
+                ]
+            })
+            .unwrap_or_default();
+        LimitPlan {
+            key_id: None,
+            org_id: org_id.clone(),
+            limits,
+            cost: u64::from(cost),
+            credits: None,
         }
     }
 

@@ -84,20 +84,23 @@ pub fn strip_identity(headers: &mut HeaderMap) {
 
 /// The identity of a verified caller, as headers (for upstreams and forward-auth answers).
 pub fn identity_headers(principal: &Principal) -> Vec<(HeaderName, HeaderValue)> {
-    let key = &principal.key;
     let mut out = Vec::with_capacity(5);
     let mut push = |name: &'static str, value: &str| {
         if let Ok(v) = HeaderValue::from_str(value) {
             out.push((HeaderName::from_static(name), v));
         }
     };
-    push("x-keyward-org-id", key.org_id.as_str());
-    push("x-keyward-project-id", key.project_id.as_str());
-    push("x-keyward-key-id", key.id.as_str());
-    if key.created_by.starts_with("usr_") {
-        push("x-keyward-user-id", &key.created_by);
+    push("x-keyward-org-id", principal.org_id.as_str());
+    if let Some(project) = principal.project_id() {
+        push("x-keyward-project-id", project);
     }
-    push("x-keyward-scopes", &key.scopes.join(" "));
+    if let Some(key) = principal.key() {
+        push("x-keyward-key-id", key.id.as_str());
+    }
+    if let Some(user) = principal.user_id() {
+        push("x-keyward-user-id", user);
+    }
+    push("x-keyward-scopes", &principal.scopes().join(" "));
     out
 }
 
@@ -126,7 +129,7 @@ fn prepare_headers(state: &AppState, f: &Forward<'_>, headers: &mut HeaderMap) {
         headers.insert(name, value);
     }
     if let Some(tokens) = &state.tokens {
-        match tokens.identity_for(&f.principal.key, state.clock.now()) {
+        match tokens.identity_for(f.principal, state.clock.now()) {
             Ok(token) => {
                 if let Ok(value) = HeaderValue::from_str(&token) {
                     headers.insert(HeaderName::from_static("x-keyward-identity"), value);

@@ -142,7 +142,10 @@ impl RedisBackend {
     fn redis_key(plan: &LimitPlan, policy: Policy) -> String {
         let org = plan.org_id.as_str();
         match policy {
-            Policy::Key => format!("kw:{{{org}}}:k:{}", plan.key_id),
+            Policy::Key => format!(
+                "kw:{{{org}}}:k:{}",
+                plan.key_id.as_ref().map(KeyId::as_str).unwrap_or_default()
+            ),
             Policy::OrgMinute => format!("kw:{{{org}}}:om"),
             Policy::OrgHour => format!("kw:{{{org}}}:oh"),
         }
@@ -166,7 +169,11 @@ impl LimitBackend for RedisBackend {
         }
         match &plan.credits {
             Some(credits) => {
-                invocation.key(format!("kw:{{{}}}:c:{}", plan.org_id, plan.key_id));
+                invocation.key(format!(
+                    "kw:{{{}}}:c:{}",
+                    plan.org_id,
+                    plan.key_id.as_ref().map(KeyId::as_str).unwrap_or_default()
+                ));
                 let (refill, period) = match &credits.refill {
                     Some(r) => (
                         r.amount,
@@ -215,9 +222,11 @@ impl LimitBackend for RedisBackend {
             })
             .collect();
         let credits_remaining = plan.credits.as_ref().map(|_| out[1]);
-        if let (Some(credits), Some(remaining)) = (&plan.credits, credits_remaining) {
+        if let (Some(credits), Some(remaining), Some(key_id)) =
+            (&plan.credits, credits_remaining, &plan.key_id)
+        {
             self.credits_seen
-                .insert(plan.key_id.clone(), (credits.version, remaining));
+                .insert(key_id.clone(), (credits.version, remaining));
         }
         let refused = match out[0] {
             0 => None,

@@ -113,6 +113,7 @@ pub fn run(config: Config) -> Result<(), BoxError> {
         let master = crate::master_key::MasterKey::load(&state.config.server.data_dir)?;
         let tokens = crate::tokens::TokenService::load(
             &state.config.tokens,
+            state.config.auth.proxy_jwt_secret.as_deref(),
             &*state.store,
             Some(&master),
             state.clock.now(),

@@ -46,8 +46,12 @@ pub async fn exchange(
         }
         other => other?,
     };
+    let key = principal
+        .key()
+        .cloned()
+        .ok_or_else(|| ApiError::new(ErrorCode::InvalidApiKey))?;
     let admission = admit(&state, &principal, 1).await?;
-    let token = tokens.issue_access(&principal.key, state.clock.now())?;
+    let token = tokens.issue_access(&key, state.clock.now())?;
     let mut response = Json(json!({
         "token": token,
         "token_type": "Bearer",

@@ -21,6 +21,7 @@ use keyward_store::{SigningKeyRecord, Store};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::auth::Principal;
 use crate::config::{TokenAlgorithm, TokensConfig};
 use crate::error::{ApiError, ApiResult};
 use crate::master_key::MasterKey;
@@ -52,6 +53,26 @@ pub struct AccessClaims {
     pub jti: String,
 }
 
+/// Claims of the identity token sent upstream.
+#[derive(Debug, Clone, Serialize)]
+struct IdentityClaims {
+    iss: String,
+    sub: String,
+    aud: String,
+    org_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    project_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key_id: Option<String>,
+    scopes: Vec<String>,
+    iat: i64,
+    nbf: i64,
+    exp: i64,
+    jti: String,
+}
+
 /// PKCS#8 v1 wrapping of an Ed25519 seed (RFC 8410), what `EncodingKey::from_ed_der` takes.
 fn ed25519_pkcs8(seed: &[u8; 32]) -> Vec<u8> {
     const PREFIX: [u8; 16] = [
@@ -75,13 +96,29 @@ struct Keys {
     verifiers: HashMap<String, Verifier>,
 }
 
+/// Claims of a proxy-auth JWT minted by a trusted frontend for one of its users.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ProxyClaims {
+    pub sub: String,
+    pub org_id: String,
+    pub project_id: Option<String>,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    pub iat: i64,
+    pub exp: i64,
+}
+
+/// Proxy-auth tokens live at most this long (`exp - iat`).
+pub const PROXY_MAX_TTL_SECS: i64 = 60;
+
 pub struct TokenService {
     config: TokensConfig,
+    proxy: Option<DecodingKey>,
     algorithm: Algorithm,
     keys: RwLock<Keys>,
     /// Identity tokens reused while they have 30 s or more to live: one signature per key
     /// and half-minute instead of one per request.
-    identities: dashmap::DashMap<KeyId, (Vec<String>, String, i64)>,
+    identities: dashmap::DashMap<String, (Vec<String>, String, i64)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -125,12 +162,14 @@ impl TokenService {
     /// HS256 from config, or the Ed25519 keys in the store (one is created when none exists).
     pub async fn load(
         config: &TokensConfig,
+        proxy_secret: Option<&str>,
         store: &dyn Store,
         master: Option<&MasterKey>,
         now: Timestamp,
     ) -> Result<Self, TokenSetupError> {
         let service = Self {
             config: config.clone(),
+            proxy: proxy_secret.map(|s| DecodingKey::from_secret(s.as_bytes())),
             algorithm: match config.algorithm {
                 TokenAlgorithm::EdDSA => Algorithm::EdDSA,
                 TokenAlgorithm::HS256 => Algorithm::HS256,
@@ -264,25 +303,18 @@ impl TokenService {
         self.sign(ACCESS_TYP, &claims)
     }
 
-    /// The identity token for upstreams: same claims, its own `typ` and `aud`, 60 s.
-    pub fn issue_identity(
-        &self,
-        key: &keyward_core::key::ApiKey,
-        now: Timestamp,
-    ) -> ApiResult<String> {
+    /// The identity token for upstreams: the caller's claims, its own `typ` and `aud`, 60 s.
+    pub fn issue_identity(&self, principal: &Principal, now: Timestamp) -> ApiResult<String> {
         let iat = now.as_secs();
-        let claims = AccessClaims {
+        let claims = IdentityClaims {
             iss: self.config.issuer.clone(),
-            sub: key.id.to_string(),
+            sub: principal.actor_id(),
             aud: format!("{}-upstream", self.config.audience),
-            org_id: key.org_id.to_string(),
-            user_id: key
-                .created_by
-                .starts_with("usr_")
-                .then(|| key.created_by.clone()),
-            project_id: key.project_id.to_string(),
-            key_id: key.id.to_string(),
-            scopes: key.scopes.clone(),
+            org_id: principal.org_id.to_string(),
+            user_id: principal.user_id().map(str::to_owned),
+            project_id: principal.project_id().map(str::to_owned),
+            key_id: principal.key().map(|k| k.id.to_string()),
+            scopes: principal.scopes().to_vec(),
             iat,
             nbf: iat,
             exp: iat + IDENTITY_TTL_SECS,
@@ -291,23 +323,22 @@ impl TokenService {
         self.sign(IDENTITY_TYP, &claims)
     }
 
-    /// The identity token for this key, reused while it has 30 s or more to live.
-    pub fn identity_for(
-        &self,
-        key: &keyward_core::key::ApiKey,
-        now: Timestamp,
-    ) -> ApiResult<String> {
-        if let Some(entry) = self.identities.get(&key.id) {
+    /// The identity token for this caller, reused while it has 30 s or more to live.
+    pub fn identity_for(&self, principal: &Principal, now: Timestamp) -> ApiResult<String> {
+        let who = principal.actor_id();
+        if let Some(entry) = self.identities.get(&who) {
             let (scopes, token, exp) = entry.value();
-            if *exp - now.as_secs() >= IDENTITY_TTL_SECS / 2 && scopes == &key.scopes {
+            if *exp - now.as_secs() >= IDENTITY_TTL_SECS / 2
+                && scopes.as_slice() == principal.scopes()
+            {
                 return Ok(token.clone());
             }
         }
-        let token = self.issue_identity(key, now)?;
+        let token = self.issue_identity(principal, now)?;
         self.identities.insert(
-            key.id.clone(),
+            who,
             (
-                key.scopes.clone(),
+                principal.scopes().to_vec(),
                 token.clone(),
                 now.as_secs() + IDENTITY_TTL_SECS,
             ),
@@ -349,6 +380,40 @@ impl TokenService {
             return Err(invalid());
         }
         Ok((key_id, data.claims))
+    }
+
+    /// Verifies a proxy-auth JWT: HS256 with `auth.proxy_jwt_secret`, `aud` =
+    /// `<audience>-proxy`, `sub` a user id, at most 60 s between `iat` and `exp`, and never a
+    /// `typ` of keyward's own tokens.
+    pub fn verify_proxy_auth(&self, token: &str, now: Timestamp) -> ApiResult<ProxyClaims> {
+        let invalid = || ApiError::new(ErrorCode::InvalidToken);
+        let key = self.proxy.as_ref().ok_or_else(invalid)?;
+        let header = jsonwebtoken::decode_header(token).map_err(|_| invalid())?;
+        if header.alg != Algorithm::HS256
+            || matches!(header.typ.as_deref(), Some(ACCESS_TYP | IDENTITY_TYP))
+        {
+            return Err(invalid());
+        }
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = LEEWAY_SECS;
+        validation.set_audience(&[format!("{}-proxy", self.config.audience)]);
+        validation.set_required_spec_claims(&["exp", "iat", "sub", "aud"]);
+        let data =
+            jsonwebtoken::decode::<ProxyClaims>(token, key, &validation).map_err(|e| {
+                match e.kind() {
+                    ErrorKind::ExpiredSignature => ApiError::new(ErrorCode::ExpiredToken),
+                    _ => invalid(),
+                }
+            })?;
+        let c = data.claims;
+        let leeway = i64::try_from(LEEWAY_SECS).unwrap_or(30);
+        if c.exp - c.iat > PROXY_MAX_TTL_SECS
+            || c.iat > now.as_secs() + leeway
+            || keyward_core::ids::UserId::parse(&c.sub).is_none()
+        {
+            return Err(invalid());
+        }
+        Ok(c)
     }
 
     /// `{"keys": [...]}` with every published Ed25519 key.

@@ -350,3 +350,139 @@ async fn signing_key_rotation_keeps_old_tokens_valid() {
         assert!(kid(token).contains("key_id"));
     }
 }
+
+const PROXY_SECRET: &str = "a-frontend-secret-of-at-least-32-bytes";
+
+#[tokio::test]
+async fn proxy_auth_jwts_count_only_on_the_internal_listener() {
+    let s = TestServer::start_with(&[("KEYWARD_AUTH__PROXY_JWT_SECRET", PROXY_SECRET)]).await;
+    let org = s.admin(Method::GET, "/v1/org", None).await.body["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let user = "usr_01JZZZZZZZZZZZZZZZZZZZZZZZ";
+    let mint = |secret: &str, aud: &str, iat: i64, exp: i64, scopes: Value| {
+        let claims = json!({"sub": user, "org_id": org, "project_id": null, "scopes": scopes,
+                            "aud": aud, "iat": iat, "exp": exp});
+        tool(&["hs256", secret, &claims.to_string(), "JWT"])
+    };
+    let good = mint(
+        PROXY_SECRET,
+        "keyward-proxy",
+        now(),
+        now() + 30,
+        json!(["inference", "management"]),
+    );
+    let call = |base: String, path: &'static str, header: String| {
+        let client = s.client.clone();
+        async move {
+            let r = client
+                .get(format!("{base}{path}"))
+                .header("x-keyward-proxy-auth", header)
+                .send()
+                .await
+                .unwrap();
+            TestServer::read(r).await
+        }
+    };
+
+    // Internal listener: the user acts, through the gateway and the management API.
+    let echo = call(s.internal.clone(), "/echo/x", good.clone()).await;
+    assert_eq!(echo.status, 200, "{}", echo.text);
+    assert_eq!(echo.body["headers"]["x-keyward-user-id"], user);
+    assert_eq!(echo.body["headers"]["x-keyward-org-id"], org.as_str());
+    assert!(echo.body["headers"].get("x-keyward-key-id").is_none());
+    assert!(
+        echo.body["headers"].get("x-keyward-proxy-auth").is_none(),
+        "the proxy token reached the upstream"
+    );
+    assert!(
+        echo.header("x-ratelimit-limit").is_some(),
+        "the organisation's limits apply"
+    );
+    let org_reply = call(s.internal.clone(), "/v1/org", good.clone()).await;
+    assert_eq!(org_reply.status, 200, "{}", org_reply.text);
+    let created = s
+        .client
+        .post(format!("{}/v1/keys", s.internal))
+        .header("x-keyward-proxy-auth", &good)
+        .json(&json!({"name": "made by a user"}))
+        .send()
+        .await
+        .unwrap();
+    let created: Value = created.json().await.unwrap();
+    assert_eq!(created["created_by"], user);
+
+    // Public listener: ignored.
+    call(s.base.clone(), "/echo/x", good.clone())
+        .await
+        .assert_error(401, "missing_credentials");
+    call(s.base.clone(), "/v1/org", good.clone())
+        .await
+        .assert_error(401, "missing_credentials");
+
+    // Refused: too long-lived, wrong audience, wrong secret, expired, missing scope, and
+    // keyward's own access token in the proxy header.
+    let (_, key) = s.create_key(json!({"scopes": ["inference"]})).await;
+    let access = exchange(&s, &key).await.body["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for (token, code) in [
+        (
+            mint(
+                PROXY_SECRET,
+                "keyward-proxy",
+                now(),
+                now() + 600,
+                json!(["inference"]),
+            ),
+            "invalid_token",
+        ),
+        (
+            mint(
+                PROXY_SECRET,
+                "keyward",
+                now(),
+                now() + 30,
+                json!(["inference"]),
+            ),
+            "invalid_token",
+        ),
+        (
+            mint(
+                "some-other-secret-of-at-least-32-bytes",
+                "keyward-proxy",
+                now(),
+                now() + 30,
+                json!(["inference"]),
+            ),
+            "invalid_token",
+        ),
+        (
+            mint(
+                PROXY_SECRET,
+                "keyward-proxy",
+                now() - 150,
+                now() - 100,
+                json!(["inference"]),
+            ),
+            "expired_token",
+        ),
+        (access, "invalid_token"),
+    ] {
+        call(s.internal.clone(), "/echo/x", token)
+            .await
+            .assert_error(401, code);
+    }
+    let no_scope = mint(
+        PROXY_SECRET,
+        "keyward-proxy",
+        now(),
+        now() + 30,
+        json!(["research"]),
+    );
+    call(s.internal.clone(), "/echo/x", no_scope)
+        .await
+        .assert_error(403, "insufficient_scope");
+}
