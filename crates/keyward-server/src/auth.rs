@@ -114,9 +114,13 @@ impl Principal {
 
     /// How the audit log names this caller.
     pub fn actor_id(&self) -> String {
+        self.actor_str().to_owned()
+    }
+
+    pub fn actor_str(&self) -> &str {
         match &self.subject {
-            Subject::Key(key) => key.id.to_string(),
-            Subject::User { user_id, .. } => user_id.clone(),
+            Subject::Key(key) => key.id.as_str(),
+            Subject::User { user_id, .. } => user_id,
         }
     }
 

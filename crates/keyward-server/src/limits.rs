@@ -12,7 +12,8 @@ use keyward_core::ids::{KeyId, OrgId};
 use keyward_core::key::{ApiKey, Refill};
 use keyward_core::ratelimit::{self, Limit, SlidingLog, Verdict, ceil_secs};
 use keyward_core::{ErrorCode, Timestamp};
-use std::sync::Mutex;
+use parking_lot::Mutex;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use crate::config::{OnBackendError, RateLimitConfig, Tier};
 use crate::error::ApiError;
@@ -222,8 +223,8 @@ pub struct MemoryBackend {
     credits: DashMap<KeyId, Mutex<CreditState>>,
 }
 
-fn poisoned() -> BackendError {
-    BackendError("a limiter lock was poisoned".into())
+fn vanished() -> BackendError {
+    BackendError("limiter state vanished while in use".into())
 }
 
 impl MemoryBackend {
@@ -243,16 +244,13 @@ impl MemoryBackend {
             self.orgs.entry(plan.org_id.clone()).or_default();
         }
         let key_entry = match &plan.key_id {
-            Some(key_id) => Some(self.keys.get(key_id).ok_or_else(poisoned)?),
+            Some(key_id) => Some(self.keys.get(key_id).ok_or_else(vanished)?),
             None => None,
         };
-        let org_entry = self.orgs.get(&plan.org_id).ok_or_else(poisoned)?;
+        let org_entry = self.orgs.get(&plan.org_id).ok_or_else(vanished)?;
         // Lock order: key, then organisation, then credits — the same everywhere.
-        let mut key_guard = match &key_entry {
-            Some(entry) => Some(entry.lock().map_err(|_| poisoned())?),
-            None => None,
-        };
-        let mut org = org_entry.lock().map_err(|_| poisoned())?;
+        let mut key_guard = key_entry.as_ref().map(|entry| entry.lock());
+        let mut org = org_entry.lock();
         let org = &mut *org;
         let mut no_key = KeyLog::default();
         let key: &mut KeyLog = match key_guard.as_deref_mut() {
@@ -286,8 +284,8 @@ impl MemoryBackend {
                     .entry(key_id.clone())
                     .or_insert_with(|| Mutex::new(CreditState::load(credit_plan, now)));
             }
-            let entry = self.credits.get(key_id).ok_or_else(poisoned)?;
-            let mut credits = entry.lock().map_err(|_| poisoned())?;
+            let entry = self.credits.get(key_id).ok_or_else(vanished)?;
+            let mut credits = entry.lock();
             credits.refresh(credit_plan, now);
             if credits.remaining < cost {
                 return Ok(LimitReport {
@@ -323,7 +321,7 @@ impl MemoryBackend {
         };
         match self.credits.get(key_id) {
             Some(entry) => {
-                let mut credits = entry.lock().map_err(|_| poisoned())?;
+                let mut credits = entry.lock();
                 credits.refresh(credit_plan, now);
                 Ok(Some(credits.remaining))
             }
@@ -341,9 +339,8 @@ impl LimitBackend for MemoryBackend {
     fn dirty_credits(&self) -> Vec<(KeyId, i64, i64)> {
         let mut out = Vec::new();
         for entry in self.credits.iter() {
-            if let Ok(mut c) = entry.value().lock()
-                && c.dirty
-            {
+            let mut c = entry.value().lock();
+            if c.dirty {
                 c.dirty = false;
                 out.push((entry.key().clone(), c.version, c.remaining));
             }
@@ -355,17 +352,13 @@ impl LimitBackend for MemoryBackend {
         let t = now.as_millis();
         // An empty log carries nothing forward: dropping it changes no decision.
         self.keys.retain(|_, key| {
-            key.get_mut()
-                .map(|k| {
-                    let window = k.window_ms;
-                    !k.log.is_idle(t, window)
-                })
-                .unwrap_or(false)
+            let k = key.get_mut();
+            let window = k.window_ms;
+            !k.log.is_idle(t, window)
         });
         self.orgs.retain(|_, logs| {
-            logs.get_mut()
-                .map(|l| !(l.minute.is_idle(t, 60_000) && l.hour.is_idle(t, 3_600_000)))
-                .unwrap_or(false)
+            let l = logs.get_mut();
+            !(l.minute.is_idle(t, 60_000) && l.hour.is_idle(t, 3_600_000))
         });
     }
 }
@@ -376,8 +369,9 @@ pub struct Limiter {
     /// Per-node limits used while a shared backend is unreachable (`on_backend_error = "local"`).
     local: Arc<MemoryBackend>,
     config: RateLimitConfig,
-    /// After a backend error, the backend is skipped until then.
-    backoff_until: Mutex<Option<Instant>>,
+    /// After a backend error, the backend is skipped until then (ms since `started`).
+    backoff_until_ms: AtomicI64,
+    started: Instant,
 }
 
 pub const BACKEND_BACKOFF: Duration = Duration::from_secs(1);
@@ -389,7 +383,8 @@ impl Limiter {
             backend: backend.unwrap_or_else(|| local.clone()),
             local,
             config,
-            backoff_until: Mutex::new(None),
+            backoff_until_ms: AtomicI64::new(0),
+            started: Instant::now(),
         }
     }
 
@@ -477,18 +472,18 @@ impl Limiter {
         }
     }
 
+    fn elapsed_ms(&self) -> i64 {
+        i64::try_from(self.started.elapsed().as_millis()).unwrap_or(i64::MAX)
+    }
+
+    // An atomic, not a lock: every request asks.
     fn backing_off(&self) -> bool {
-        let now = Instant::now();
-        self.backoff_until
-            .lock()
-            .map(|until| until.is_some_and(|u| u > now))
-            .unwrap_or(false)
+        self.backoff_until_ms.load(Ordering::Relaxed) > self.elapsed_ms()
     }
 
     fn back_off(&self) {
-        if let Ok(mut until) = self.backoff_until.lock() {
-            *until = Some(Instant::now() + BACKEND_BACKOFF);
-        }
+        let until = self.elapsed_ms() + i64::try_from(BACKEND_BACKOFF.as_millis()).unwrap_or(1000);
+        self.backoff_until_ms.store(until, Ordering::Relaxed);
     }
 
     /// Decides; on a backend failure follows `ratelimit.on_backend_error`.

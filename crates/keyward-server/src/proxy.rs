@@ -130,10 +130,8 @@ fn prepare_headers(state: &AppState, f: &Forward<'_>, headers: &mut HeaderMap) {
     }
     if let Some(tokens) = &state.tokens {
         match tokens.identity_for(f.principal, state.clock.now()) {
-            Ok(token) => {
-                if let Ok(value) = HeaderValue::from_str(&token) {
-                    headers.insert(HeaderName::from_static("x-keyward-identity"), value);
-                }
+            Ok(value) => {
+                headers.insert(HeaderName::from_static("x-keyward-identity"), value);
             }
             Err(e) => tracing::warn!(code = e.code.as_str(), "cannot sign the identity token"),
         }

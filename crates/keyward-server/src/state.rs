@@ -10,9 +10,23 @@ use crate::limits::Limiter;
 use crate::routes::RouteTable;
 use crate::usage::UsageRecorder;
 
-/// What every handler can reach. Cheap to clone: everything is behind an `Arc`.
+/// What every handler can reach. Cloned per request, so it is one `Arc`: one reference count
+/// to touch, not one per field (those cache lines bounced between the worker threads).
 #[derive(Clone)]
 pub struct AppState {
+    inner: Arc<AppStateInner>,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = AppStateInner;
+
+    fn deref(&self) -> &AppStateInner {
+        &self.inner
+    }
+}
+
+#[derive(Clone)]
+pub struct AppStateInner {
     pub config: Arc<Config>,
     pub store: Arc<dyn Store>,
     pub clock: Arc<dyn Clock>,
@@ -35,7 +49,7 @@ impl AppState {
         }));
         let routes = Arc::new(RouteTable::new(&config.routes));
         let limiter = Arc::new(Limiter::new(None, config.ratelimit.clone()));
-        Self {
+        let inner = AppStateInner {
             config: Arc::new(config),
             store,
             clock,
@@ -45,17 +59,21 @@ impl AppState {
             routes,
             limiter,
             tokens: None,
+        };
+        Self {
+            inner: Arc::new(inner),
         }
     }
 
     pub fn with_tokens(mut self, tokens: Arc<crate::tokens::TokenService>) -> Self {
-        self.tokens = Some(tokens);
+        Arc::make_mut(&mut self.inner).tokens = Some(tokens);
         self
     }
 
     /// Uses a shared rate-limit backend (Redis) instead of this node's memory.
     pub fn with_limit_backend(mut self, backend: Arc<dyn crate::limits::LimitBackend>) -> Self {
-        self.limiter = Arc::new(Limiter::new(Some(backend), self.config.ratelimit.clone()));
+        let limiter = Arc::new(Limiter::new(Some(backend), self.config.ratelimit.clone()));
+        Arc::make_mut(&mut self.inner).limiter = limiter;
         self
     }
 }

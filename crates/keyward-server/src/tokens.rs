@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::sync::RwLock;
 
+use axum::http::HeaderValue;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::errors::ErrorKind;
@@ -118,7 +119,7 @@ pub struct TokenService {
     keys: RwLock<Keys>,
     /// Identity tokens reused while they have 30 s or more to live: one signature per key
     /// and half-minute instead of one per request.
-    identities: dashmap::DashMap<String, (Vec<String>, String, i64)>,
+    identities: dashmap::DashMap<String, (Vec<String>, HeaderValue, i64)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -323,27 +324,29 @@ impl TokenService {
         self.sign(IDENTITY_TYP, &claims)
     }
 
-    /// The identity token for this caller, reused while it has 30 s or more to live.
-    pub fn identity_for(&self, principal: &Principal, now: Timestamp) -> ApiResult<String> {
-        let who = principal.actor_id();
-        if let Some(entry) = self.identities.get(&who) {
-            let (scopes, token, exp) = entry.value();
+    /// The identity token for this caller as a header value, reused while it has 30 s or
+    /// more to live (one signature per caller and half-minute, and no per-request copy).
+    pub fn identity_for(&self, principal: &Principal, now: Timestamp) -> ApiResult<HeaderValue> {
+        let who = principal.actor_str();
+        if let Some(entry) = self.identities.get(who) {
+            let (scopes, value, exp) = entry.value();
             if *exp - now.as_secs() >= IDENTITY_TTL_SECS / 2
                 && scopes.as_slice() == principal.scopes()
             {
-                return Ok(token.clone());
+                return Ok(value.clone());
             }
         }
         let token = self.issue_identity(principal, now)?;
+        let value = HeaderValue::from_str(&token).map_err(ApiError::internal)?;
         self.identities.insert(
-            who,
+            who.to_owned(),
             (
                 principal.scopes().to_vec(),
-                token.clone(),
+                value.clone(),
                 now.as_secs() + IDENTITY_TTL_SECS,
             ),
         );
-        Ok(token)
+        Ok(value)
     }
 
     /// Verifies an access token: signature with one of our keys, the configured algorithm,

@@ -65,16 +65,21 @@ pub struct UsageRecorder {
 
 impl UsageRecorder {
     pub fn record(&self, key: &KeyId, outcome: Outcome, now: Timestamp) {
-        let minute = now.minute_start().as_millis();
-        let entry = self.counts.entry((key.clone(), minute)).or_default();
-        let counter = match outcome {
-            Outcome::Allowed => &entry.allowed,
-            Outcome::Unauthorized => &entry.unauthorized,
-            Outcome::Forbidden => &entry.forbidden,
-            Outcome::RateLimited => &entry.rate_limited,
+        let slot = (key.clone(), now.minute_start().as_millis());
+        let add = |c: &Counters| {
+            let counter = match outcome {
+                Outcome::Allowed => &c.allowed,
+                Outcome::Unauthorized => &c.unauthorized,
+                Outcome::Forbidden => &c.forbidden,
+                Outcome::RateLimited => &c.rate_limited,
+            };
+            counter.fetch_add(1, Ordering::AcqRel);
         };
-        counter.fetch_add(1, Ordering::AcqRel);
-        drop(entry);
+        // A shared (read) lock in the common case: the minute's counters exist already.
+        match self.counts.get(&slot) {
+            Some(counters) => add(&counters),
+            None => add(&self.counts.entry(slot).or_default()),
+        }
         if outcome == Outcome::Allowed {
             match self.last_used.get(key) {
                 Some(at) => {

@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# Side-by-side load test on loopback, one run, same wrk settings for every scenario:
+#   a. the upstream alone (nginx `return 200`, 1 worker): the ceiling
+#   b. keyward proxy mode, keys drawn from 10,000, limits too high to trigger
+#   c. nginx doing the same job (map of keys, per-key limit_req, proxy_pass, JSON 401/429)
+#   d. HAProxy doing the same (map, stick-table, http-request return)
+#   e. keyward forward-auth GET /v1/auth (compare with a: nginx's static return 200)
+#   f. keyward proxy mode with the Redis rate-limit backend
+# Usage: bench/run.sh   (DURATION=10s ROUNDS=3 CONNECTIONS=64 THREADS=2 to change)
+# Installs wrk, nginx, haproxy and redis-server from Debian when missing. Loopback only;
+# every process it starts is stopped at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${DURATION:-10s}
+ROUNDS=${ROUNDS:-3}
+CONNECTIONS=${CONNECTIONS:-64}
+THREADS=${THREADS:-2}
+NKEYS=${NKEYS:-10000}
+
+missing=()
+command -v wrk >/dev/null || missing+=(wrk)
+command -v nginx >/dev/null || missing+=(nginx-light)
+command -v haproxy >/dev/null || missing+=(haproxy)
+command -v redis-server >/dev/null || missing+=(redis-server)
+if [ ${#missing[@]} -gt 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+cargo build --release -p keyward >&2
+BIN=$PWD/target/release/keyward
+RUN=$(mktemp -d /tmp/keyward-bench.XXXXXX)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+wait_port() { for _ in $(seq 1 200); do (echo >/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 did not open" >&2; exit 1; }
+
+sed "s#__RUN__#$RUN#g" bench/nginx-upstream.conf > "$RUN/upstream.conf"
+nginx -c "$RUN/upstream.conf" -p "$RUN" & pids+=($!)
+wait_port 19000
+
+keyward_config() { # listen internal [redis-url]
+  local backend=memory
+  [ -n "${3:-}" ] && backend=redis
+  cat <<CFG
+[server]
+listen = "127.0.0.1:$1"
+internal_listen = "127.0.0.1:$2"
+data_dir = "$RUN/kw-data"
+[store]
+url = "sqlite://$RUN/kw/keyward.db"
+[ratelimit]
+backend = "$backend"
+${3:+url = \"$3\"}
+[ratelimit.tiers.free]
+per_minute = 1000000000
+per_hour = 1000000000
+[log]
+level = "warn"
+[[routes]]
+name = "bench"
+path = "/bench/"
+upstream = "http://127.0.0.1:19000"
+scopes = ["inference"]
+strip_prefix = true
+CFG
+}
+mkdir -p "$RUN/kw" "$RUN/kw-redis"
+keyward_config 19001 19011 > "$RUN/kw/keyward.toml"
+(cd "$RUN/kw" && exec "$BIN" serve > out.log 2> err.log) & pids+=($!)
+wait_port 19001
+ADMIN=$(grep -E '^kw_' "$RUN/kw/err.log")
+python3 bench/make_keys.py 127.0.0.1:19001 "$ADMIN" "$NKEYS" "$RUN/keys.txt"
+awk '{print "\"Bearer " $1 "\" 1;"}' "$RUN/keys.txt" > "$RUN/nginx-keys.map"
+awk '{print $1 " 1"}' "$RUN/keys.txt" > "$RUN/haproxy-keys.map"
+
+sed "s#__RUN__#$RUN#g" bench/nginx-keyauth.conf > "$RUN/keyauth.conf"
+nginx -c "$RUN/keyauth.conf" -p "$RUN" & pids+=($!)
+sed "s#__RUN__#$RUN#g" bench/haproxy.cfg > "$RUN/haproxy.cfg"
+haproxy -f "$RUN/haproxy.cfg" -db > "$RUN/haproxy.log" 2>&1 & pids+=($!)
+redis-server --port 19005 --bind 127.0.0.1 --save "" --appendonly no > /dev/null & pids+=($!)
+keyward_config 19004 19014 redis://127.0.0.1:19005/ > "$RUN/kw-redis/keyward.toml"
+(cd "$RUN/kw-redis" && exec "$BIN" serve > out.log 2> err.log) & pids+=($!)
+wait_port 19002; wait_port 19003; wait_port 19004
+
+declare -A URL=(
+  [a]="http://127.0.0.1:19000/"
+  [b]="http://127.0.0.1:19001/bench/x"
+  [c]="http://127.0.0.1:19002/x"
+  [d]="http://127.0.0.1:19003/x"
+  [e]="http://127.0.0.1:19001/v1/auth"
+  [f]="http://127.0.0.1:19004/bench/x"
+)
+declare -A NAME=(
+  [a]="upstream alone (nginx return 200, 1 worker)"
+  [b]="keyward proxy, memory limits"
+  [c]="nginx key-auth (map, limit_req, proxy_pass)"
+  [d]="HAProxy key-auth (map, stick-table)"
+  [e]="keyward forward-auth GET /v1/auth"
+  [f]="keyward proxy, redis limits"
+)
+
+# Every scenario must authenticate for real before it is measured.
+key=$(head -1 "$RUN/keys.txt")
+for s in b c d f; do
+  ok=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $key" "${URL[$s]}")
+  bad=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer kw_live_nope" "${URL[$s]}")
+  [ "$ok" = 200 ] && [ "$bad" = 401 ] || { echo "scenario $s: valid key → $ok, bad key → $bad" >&2; exit 1; }
+done
+
+measure() { # scenario → "rps p50_ms p99_ms"
+  local extra=""
+  [ "$1" = e ] && extra="X-Forwarded-Uri: /bench/x"
+  KEYS_FILE="$RUN/keys.txt" EXTRA_HEADER="$extra" wrk -t"$THREADS" -c"$CONNECTIONS" -d2s -s bench/keys.lua "${URL[$1]}" > /dev/null
+  KEYS_FILE="$RUN/keys.txt" EXTRA_HEADER="$extra" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -s bench/keys.lua "${URL[$1]}" |
+    awk '
+      function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
+      /^ +50%/ { p50 = ms($2) } /^ +99%/ { p99 = ms($2) } /^Requests\/sec/ { rps = $2 }
+      /Non-2xx/ { bad = $NF } END { print rps, p50, p99, (bad ? bad : 0) }'
+}
+
+declare -A RESULTS
+for round in $(seq 1 "$ROUNDS"); do
+  for s in a b c d e f; do
+    r=$(measure $s)
+    RESULTS[$s]+="$r;"
+    echo "round $round $s: $r" >&2
+  done
+done
+
+median() { tr ';' '\n' | grep -v '^$' | awk -v c="$1" '{print $c}' | sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
+nginx_rps=$(echo "${RESULTS[c]}" | median 1)
+echo
+echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency, 2 s warm-up, $ROUNDS interleaved rounds, medians; keys drawn from $NKEYS"
+echo
+echo "| scenario | req/s | p50 ms | p99 ms | × nginx key-auth | non-2xx |"
+echo "|---|---|---|---|---|---|"
+for s in a b c d e f; do
+  rps=$(echo "${RESULTS[$s]}" | median 1)
+  p50=$(echo "${RESULTS[$s]}" | median 2)
+  p99=$(echo "${RESULTS[$s]}" | median 3)
+  bad=$(echo "${RESULTS[$s]}" | median 4)
+  ratio=$(awk -v a="$rps" -v b="$nginx_rps" 'BEGIN { printf "%.2f", a / b }')
+  printf "| %s. %s | %.0f | %.2f | %.2f | %s | %s |\n" "$s" "${NAME[$s]}" "$rps" "$p50" "$p99" "$ratio" "$bad"
+done
