@@ -47,12 +47,18 @@ fn verification(c: &mut Criterion) {
     let ip: IpAddr = [127, 0, 0, 1].into();
     let mut group = c.benchmark_group("verify cached key");
     for &n in &[1_000usize, 100_000, 1_000_000] {
-        let cache = KeyCache::new(CacheSettings { negative_capacity: 1000, negative_ttl_ms: 60_000 });
+        let cache = KeyCache::new(CacheSettings {
+            negative_capacity: 1000,
+            negative_ttl_ms: 60_000,
+        });
         let mut headers = Vec::with_capacity(n);
         for _ in 0..n {
-            let secret = key_format::generate("kw_live_", KeyFormat::default()).unwrap_or_else(|_| unreachable!());
+            let secret = key_format::generate("kw_live_", KeyFormat::default())
+                .unwrap_or_else(|_| unreachable!());
             let hash = KeyHash::of_secret(&secret);
-            let Lookup::Miss(epoch) = cache.lookup(&hash, now) else { unreachable!() };
+            let Lookup::Miss(epoch) = cache.lookup(&hash, now) else {
+                unreachable!()
+            };
             let cached = CachedSecret {
                 key: Arc::new(api_key()),
                 validity: SecretValidity { valid_until: None },
@@ -70,8 +76,14 @@ fn verification(c: &mut Criterion) {
                 let token = &header[7..];
                 assert!(key_format::is_well_formed(token, KeyFormat::default()));
                 let hash = KeyHash::of(token);
-                let Lookup::Hit(secret) = cache.lookup(&hash, now) else { unreachable!() };
-                let access = Access { client_ip: ip, route: None, required_scopes: &scopes };
+                let Lookup::Hit(secret) = cache.lookup(&hash, now) else {
+                    unreachable!()
+                };
+                let access = Access {
+                    client_ip: ip,
+                    route: None,
+                    required_scopes: &scopes,
+                };
                 black_box(authorize(&secret.key, secret.validity, access, now))
             })
         });
