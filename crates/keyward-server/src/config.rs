@@ -47,6 +47,8 @@ pub struct ServerConfig {
     pub workers: usize,
     /// Where keyward keeps files of its own (the generated master key).
     pub data_dir: PathBuf,
+    /// Pin each worker runtime to one core.
+    pub pin_workers: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -312,6 +314,7 @@ const KNOWN_KEYS: &[&str] = &[
     "server.public_origin",
     "server.workers",
     "server.data_dir",
+    "server.pin_workers",
     "tokens.ttl_seconds",
     "tokens.algorithm",
     "tokens.hs256_secret",
@@ -463,6 +466,7 @@ fn build(figment: &Figment) -> Result<Config, ConfigErrors> {
     }
     let data_dir: PathBuf = r.get("server.data_dir", PathBuf::from("keyward-data"));
     let workers: usize = r.get("server.workers", 0);
+    let pin_workers: bool = r.get("server.pin_workers", true);
     if workers > 256 {
         r.fail("server.workers", "at most 256");
     }
@@ -696,6 +700,7 @@ fn build(figment: &Figment) -> Result<Config, ConfigErrors> {
             public_origin,
             workers,
             data_dir,
+            pin_workers,
         },
         store_url,
         keys: KeysConfig {

@@ -142,12 +142,24 @@ pub fn run(config: Config) -> Result<(), BoxError> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let app = app(state.clone());
     let mut handles = Vec::with_capacity(workers);
+    let cores = state
+        .config
+        .server
+        .pin_workers
+        .then(core_affinity::get_core_ids)
+        .flatten();
     for (i, listener) in public.into_iter().enumerate() {
+        let cores = cores.clone();
         let app = app.clone();
         let stop = stop_rx.clone();
         let handle = thread::Builder::new()
             .name(format!("keyward-worker-{i}"))
             .spawn(move || -> std::io::Result<()> {
+                // One worker per core, pinned: unpinned, the scheduler stacked both workers on
+                // one core in some runs (PERFORMANCE.md).
+                if let Some(core) = cores.as_ref().and_then(|c| c.get(i % c.len().max(1))) {
+                    core_affinity::set_for_current(*core);
+                }
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()?;
