@@ -58,7 +58,7 @@ pub enum TokenAlgorithm {
 }
 
 /// `[tokens]`: the key → JWT exchange (DESIGN.md section 3).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct TokensConfig {
     pub ttl_seconds: u64,
     pub algorithm: TokenAlgorithm,
@@ -155,7 +155,7 @@ fn default_cost() -> u32 {
 }
 
 /// How clients present keys, and whether upstreams see them.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AuthConfig {
     /// Accept `Authorization: Bearer <key>`.
     pub bearer: bool,
@@ -209,6 +209,34 @@ pub struct Config {
 impl Config {
     pub fn route(&self, name: &str) -> Option<&RouteConfig> {
         self.routes.iter().find(|r| r.name == name)
+    }
+}
+
+// Hand-written so that `{:?}` of the configuration never prints a secret.
+impl fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("bearer", &self.bearer)
+            .field("key_headers", &self.key_headers)
+            .field("hide_credentials", &self.hide_credentials)
+            .field(
+                "proxy_jwt_secret",
+                &self.proxy_jwt_secret.as_ref().map(|_| "…"),
+            )
+            .finish()
+    }
+}
+
+impl fmt::Debug for TokensConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokensConfig")
+            .field("ttl_seconds", &self.ttl_seconds)
+            .field("algorithm", &self.algorithm)
+            .field("hs256_secret", &self.hs256_secret.as_ref().map(|_| "…"))
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .field("exchange_path", &self.exchange_path)
+            .finish()
     }
 }
 
@@ -291,7 +319,13 @@ impl Reader<'_> {
                     .find_metadata(path)
                     .map(|m| format!(" (from {})", m.name))
                     .unwrap_or_default();
-                self.fail(path, format!("{}{source}", e.kind));
+                // figment's messages quote the value found; a secret must not reach stderr.
+                let message = if SECRET_KEYS.contains(&path) {
+                    "invalid value (not shown: this key holds a secret)".to_owned()
+                } else {
+                    e.kind.to_string()
+                };
+                self.fail(path, format!("{message}{source}"));
                 default
             }
         }
@@ -304,6 +338,14 @@ impl Reader<'_> {
         });
     }
 }
+
+/// Keys whose values are secrets (or may embed one): never echoed in an error.
+const SECRET_KEYS: &[&str] = &[
+    "tokens.hs256_secret",
+    "auth.proxy_jwt_secret",
+    "store.url",
+    "ratelimit.url",
+];
 
 /// Keys that hold a whole table or list, validated as one value.
 const KNOWN_KEYS: &[&str] = &[
@@ -443,7 +485,16 @@ fn build(figment: &Figment) -> Result<Config, ConfigErrors> {
                 }
             }
         }
-        Err(e) => r.fail("", e.to_string()),
+        // A syntax error quotes the offending line, which may hold a secret: keep only the
+        // position and the reason.
+        Err(e) => r.fail(
+            "",
+            e.to_string()
+                .lines()
+                .filter(|l| !l.contains('|') && !l.trim().is_empty())
+                .collect::<Vec<_>>()
+                .join(" "),
+        ),
     }
 
     let listen = addr(&mut r, "server.listen", "127.0.0.1:8080");
@@ -800,5 +851,22 @@ mod tests {
             );
         }
         assert_eq!(paths.len(), 8, "{paths:?}");
+    }
+
+    #[test]
+    fn secrets_never_appear_in_errors_or_debug_output() {
+        let errors = from_toml("[tokens]\nhs256_secret = [\"s3cr3t-in-a-list\"]\n").unwrap_err();
+        let text = errors.to_string();
+        assert!(text.contains("tokens.hs256_secret"), "{text}");
+        assert!(!text.contains("s3cr3t"), "{text}");
+        let syntax = from_toml("[auth]\nproxy_jwt_secret = \"s3cr3t-unterminated\n").unwrap_err();
+        let text = syntax.to_string();
+        assert!(text.contains("line 2"), "{text}");
+        assert!(!text.contains("s3cr3t"), "{text}");
+        let config = from_toml(
+            "[tokens]\nalgorithm = \"HS256\"\nhs256_secret = \"s3cr3t-s3cr3t-s3cr3t-s3cr3t-s3cr3t\"\n",
+        )
+        .unwrap();
+        assert!(!format!("{config:?}").contains("s3cr3t"));
     }
 }

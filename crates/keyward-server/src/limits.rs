@@ -514,3 +514,68 @@ impl Limiter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_state_is_evicted_and_live_state_kept() {
+        let backend = MemoryBackend::default();
+        let plan = |key: &KeyId, org: &OrgId| LimitPlan {
+            key_id: Some(key.clone()),
+            org_id: org.clone(),
+            limits: vec![
+                (
+                    Policy::Key,
+                    Limit {
+                        limit: 10,
+                        window_ms: 1_000,
+                    },
+                ),
+                (
+                    Policy::OrgMinute,
+                    Limit {
+                        limit: 100,
+                        window_ms: 60_000,
+                    },
+                ),
+                (
+                    Policy::OrgHour,
+                    Limit {
+                        limit: 1000,
+                        window_ms: 3_600_000,
+                    },
+                ),
+            ],
+            cost: 1,
+            credits: None,
+        };
+        let (k1, k2, org) = (KeyId::generate(), KeyId::generate(), OrgId::generate());
+        let t0 = Timestamp::from_millis(1_000_000);
+        assert!(
+            backend
+                .decide_now(&plan(&k1, &org), t0)
+                .unwrap()
+                .refused
+                .is_none()
+        );
+        assert!(
+            backend
+                .decide_now(&plan(&k2, &org), t0.plus_secs(30))
+                .unwrap()
+                .refused
+                .is_none()
+        );
+        // k1's one-second window is empty again; k2 used it just now.
+        backend.evict_idle(t0.plus_millis(30_500));
+        assert!(!backend.keys.contains_key(&k1));
+        assert!(backend.keys.contains_key(&k2));
+        assert!(
+            backend.orgs.contains_key(&org),
+            "the org's hour window is still in use"
+        );
+        backend.evict_idle(t0.plus_secs(2 * 3600));
+        assert!(backend.keys.is_empty() && backend.orgs.is_empty());
+    }
+}
