@@ -13,15 +13,15 @@ use keyward_core::path;
 use crate::auth::{admit, authenticate_on};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::client_ip;
-use crate::proxy::{self, Forward};
+use crate::proxy::{self, ClientConn, Forward};
 use crate::state::AppState;
 
 /// The route a response belongs to, for metrics.
 #[derive(Debug, Clone)]
 pub struct RouteLabel(pub Arc<str>);
 
+/// Whether a (canonical) peer address is one of `server.trusted_proxies`.
 pub fn is_trusted(state: &AppState, peer: std::net::IpAddr) -> bool {
-    let peer = keyward_core::ip::canonical(peer);
     state
         .config
         .server
@@ -38,10 +38,24 @@ pub fn normalized_path(raw: &str) -> ApiResult<String> {
     })
 }
 
+/// The axum fallback: gateway requests that came through keyward's own stack (the internal
+/// listener, and CORS requests on the public one).
 pub async fn handle(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     req: Request,
+) -> Response {
+    let request_id = req.extensions().get::<RequestId>().cloned();
+    let client = ClientConn::pooled(peer, &state);
+    route_and_forward(&state, &client, req, request_id.as_ref()).await
+}
+
+/// Finds the request's route and runs the decision order; the answer carries its route label.
+pub async fn route_and_forward(
+    state: &AppState,
+    client: &ClientConn,
+    req: Request,
+    request_id: Option<&RequestId>,
 ) -> Response {
     let path = match normalized_path(req.uri().path()) {
         Ok(p) => p,
@@ -51,7 +65,7 @@ pub async fn handle(
         return ApiError::new(ErrorCode::RouteNotFound).into_response();
     };
     let label = RouteLabel(route.name.clone());
-    let mut response = match decide_and_forward(&state, peer, req, route, path).await {
+    let mut response = match decide_and_forward(state, client, req, route, path, request_id).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
     };
@@ -61,14 +75,14 @@ pub async fn handle(
 
 async fn decide_and_forward(
     state: &AppState,
-    peer: SocketAddr,
+    client: &ClientConn,
     req: Request,
     route: &crate::routes::Route,
     path: String,
+    request_id: Option<&RequestId>,
 ) -> ApiResult<Response> {
-    let trusted = is_trusted(state, peer.ip());
     let ip = client_ip(
-        peer.ip(),
+        client.peer.ip(),
         req.headers(),
         &state.config.server.trusted_proxies,
     );
@@ -87,13 +101,11 @@ async fn decide_and_forward(
     } else {
         path
     };
-    let request_id = req.extensions().get::<RequestId>().cloned();
     let forward = Forward {
         route,
         principal: &principal,
         upstream_path,
-        peer: keyward_core::ip::canonical(peer.ip()),
-        peer_trusted: trusted,
+        client,
         request_id,
     };
     let mut response = proxy::forward(state, forward, req).await;

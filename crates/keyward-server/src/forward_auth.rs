@@ -17,14 +17,25 @@ use crate::extract::{ApiJson, client_ip};
 use crate::proxy::identity_headers;
 use crate::state::AppState;
 
+pub const FORWARD_AUTH_PATH: &str = "/v1/auth";
+
 /// `GET /v1/auth`: 200 with identity headers, or the proxy path's 401/403.
 pub async fn forward_auth(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     parts: axum::http::request::Parts,
 ) -> ApiResult<Response> {
-    let headers = &parts.headers;
-    let ip = client_ip(peer.ip(), headers, &state.config.server.trusted_proxies);
+    check(&state, peer.ip(), &parts.headers, &parts.extensions).await
+}
+
+/// The forward-auth decision for a request's headers (the gateway's front calls it directly).
+pub async fn check(
+    state: &AppState,
+    peer: IpAddr,
+    headers: &HeaderMap,
+    extensions: &axum::http::Extensions,
+) -> ApiResult<Response> {
+    let ip = client_ip(peer, headers, &state.config.server.trusted_proxies);
     let original_uri = headers
         .get("x-forwarded-uri")
         .or_else(|| headers.get("x-original-uri"))
@@ -38,8 +49,8 @@ pub async fn forward_auth(
     };
     let scopes: &[String] = route.map(|r| r.scopes.as_slice()).unwrap_or_default();
     let principal = authenticate_on(
-        &state,
-        &parts.extensions,
+        state,
+        extensions,
         headers,
         ip,
         route.map(|r| &*r.name),
@@ -47,11 +58,24 @@ pub async fn forward_auth(
     )
     .await?;
     let cost = route.map(|r| r.cost).unwrap_or(1);
-    let admission = admit(&state, &principal, cost).await?;
+    let admission = admit(state, &principal, cost).await?;
     let mut response = StatusCode::OK.into_response();
     response.headers_mut().extend(admission.headers);
-    for (name, value) in identity_headers(&principal) {
-        response.headers_mut().insert(name, value);
+    match state
+        .tokens
+        .as_ref()
+        .map(|tokens| tokens.identity_for(&principal, state.clock.now()))
+    {
+        Some(Ok(identity)) => {
+            for (name, value) in identity.iter() {
+                response.headers_mut().insert(name.clone(), value.clone());
+            }
+        }
+        _ => {
+            for (name, value) in identity_headers(&principal) {
+                response.headers_mut().insert(name, value);
+            }
+        }
     }
     if let Some(route) = route {
         response

@@ -10,6 +10,7 @@ pub mod data_plane;
 pub mod error;
 pub mod extract;
 pub mod forward_auth;
+pub mod front;
 pub mod lifecycle;
 pub mod limits;
 pub mod master_key;
@@ -28,7 +29,7 @@ pub mod users;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderName, HeaderValue, Method, header};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use keyward_core::ErrorCode;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -74,16 +75,39 @@ fn cors(state: &AppState) -> CorsLayer {
         .max_age(std::time::Duration::from_secs(600))
 }
 
+/// keyward's own endpoints besides the management API, with their handlers.
+fn own_routes(state: &AppState) -> Vec<(String, MethodRouter<AppState>)> {
+    vec![
+        (
+            forward_auth::FORWARD_AUTH_PATH.to_owned(),
+            get(forward_auth::forward_auth),
+        ),
+        ("/v1/verify".to_owned(), post(forward_auth::verify)),
+        ("/.well-known/jwks.json".to_owned(), get(token_routes::jwks)),
+        (
+            state.config.tokens.exchange_path.clone(),
+            post(token_routes::exchange),
+        ),
+    ]
+}
+
+/// The path patterns keyward answers itself on the public listener; every other path is the
+/// gateway's.
+pub fn own_paths(state: &AppState) -> Vec<String> {
+    api::routes()
+        .into_iter()
+        .map(|(path, _)| path.to_owned())
+        .chain(own_routes(state).into_iter().map(|(path, _)| path))
+        .collect()
+}
+
 /// The public listener's application: keyward's own API, and the gateway for everything else.
 pub fn app(state: AppState) -> Router {
-    Router::new()
-        .merge(api::router())
-        .route("/v1/auth", get(forward_auth::forward_auth))
-        .route("/v1/verify", post(forward_auth::verify))
-        .route("/.well-known/jwks.json", get(token_routes::jwks))
-        .route(
-            &state.config.tokens.exchange_path,
-            post(token_routes::exchange),
+    own_routes(&state)
+        .into_iter()
+        .fold(
+            Router::new().merge(api::router()),
+            |router, (path, handler)| router.route(&path, handler),
         )
         .fallback(data_plane::handle)
         .method_not_allowed_fallback(|| async { ApiError::new(ErrorCode::MethodNotAllowed) })

@@ -9,11 +9,14 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::Request;
 use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use axum::http::uri::{Authority, Scheme};
 use axum::http::{Uri, Version};
 use axum::response::{IntoResponse, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use keyward_core::ErrorCode;
 use keyward_core::ids::RequestId;
 use serde_json::json;
@@ -26,6 +29,7 @@ use crate::state::AppState;
 
 /// Idle upstream connections close before a typical upstream keep-alive (60 s+) would.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const ECHO_BODY_LIMIT: usize = 1024 * 1024;
 
 pub const IDENTITY_PREFIX: &str = "x-keyward-";
@@ -34,7 +38,7 @@ thread_local! {
     static CLIENT: Client<HttpConnector, Body> = {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(10)));
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
         Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .build(connector)
@@ -108,10 +112,89 @@ pub struct Forward<'a> {
     pub route: &'a Route,
     pub principal: &'a Principal,
     pub upstream_path: String,
+    pub client: &'a ClientConn,
+    pub request_id: Option<&'a RequestId>,
+}
+
+/// What stays the same for every request of one client connection: who the peer is, the
+/// `X-Forwarded-For` value this hop adds, and the upstream connection reserved for it.
+pub struct ClientConn {
     /// The socket peer: what this hop appends to `X-Forwarded-For`.
-    pub peer: IpAddr,
+    pub peer: std::net::SocketAddr,
+    pub peer_ip: IpAddr,
     pub peer_trusted: bool,
-    pub request_id: Option<RequestId>,
+    forwarded_for: Option<HeaderValue>,
+    /// One upstream connection per client connection (PERFORMANCE.md: +9% over a shared
+    /// pool); `None` on connections that always use the pool.
+    upstream: Option<parking_lot::Mutex<PinnedUpstream>>,
+}
+
+#[derive(Default)]
+enum PinnedUpstream {
+    #[default]
+    Empty,
+    Idle(Authority, SendRequest<Body>),
+    /// A request is using it; a concurrent one (HTTP/2 clients) takes the pool.
+    Busy,
+}
+
+impl ClientConn {
+    /// A client connection that gets its own upstream connection.
+    pub fn new(peer: std::net::SocketAddr, state: &AppState) -> Self {
+        Self {
+            upstream: Some(parking_lot::Mutex::new(PinnedUpstream::Empty)),
+            ..Self::pooled(peer, state)
+        }
+    }
+
+    /// A client connection whose requests use the shared pool (axum-served listeners).
+    pub fn pooled(peer: std::net::SocketAddr, state: &AppState) -> Self {
+        let peer_ip = keyward_core::ip::canonical(peer.ip());
+        Self {
+            peer,
+            peer_ip,
+            peer_trusted: crate::data_plane::is_trusted(state, peer_ip),
+            forwarded_for: HeaderValue::from_str(&peer_ip.to_string()).ok(),
+            upstream: None,
+        }
+    }
+
+    /// Takes the pinned connection to `authority` if it is free, or reserves the slot for a
+    /// new one (`Some(None)`); `None` when another request holds it.
+    fn reserve(&self, authority: &Authority) -> Option<Option<SendRequest<Body>>> {
+        let mut slot = self.upstream.as_ref()?.lock();
+        match std::mem::replace(&mut *slot, PinnedUpstream::Busy) {
+            PinnedUpstream::Busy => None,
+            PinnedUpstream::Idle(a, sender) if a == *authority && sender.is_ready() => {
+                Some(Some(sender))
+            }
+            // Another upstream, or a connection that closed: replaced (dropping closes it).
+            PinnedUpstream::Idle(..) | PinnedUpstream::Empty => Some(None),
+        }
+    }
+
+    fn release(&self, kept: Option<(Authority, SendRequest<Body>)>) {
+        if let Some(slot) = &self.upstream {
+            *slot.lock() = match kept {
+                Some((authority, sender)) => PinnedUpstream::Idle(authority, sender),
+                None => PinnedUpstream::Empty,
+            };
+        }
+    }
+}
+
+/// Frees a reserved slot if the request is cancelled (timeout, client gone) mid-way.
+struct Reservation<'a> {
+    client: &'a ClientConn,
+    done: bool,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.client.release(None);
+        }
+    }
 }
 
 fn prepare_headers(state: &AppState, f: &Forward<'_>, headers: &mut HeaderMap) {
@@ -125,34 +208,129 @@ fn prepare_headers(state: &AppState, f: &Forward<'_>, headers: &mut HeaderMap) {
             headers.remove(header::AUTHORIZATION);
         }
     }
-    for (name, value) in identity_headers(f.principal) {
-        headers.insert(name, value);
-    }
-    if let Some(tokens) = &state.tokens {
-        match tokens.identity_for(f.principal, state.clock.now()) {
-            Ok(value) => {
-                headers.insert(HeaderName::from_static("x-keyward-identity"), value);
+    match &state.tokens {
+        Some(tokens) => match tokens.identity_for(f.principal, state.clock.now()) {
+            Ok(identity) => {
+                for (name, value) in identity.iter() {
+                    headers.insert(name.clone(), value.clone());
+                }
             }
-            Err(e) => tracing::warn!(code = e.code.as_str(), "cannot sign the identity token"),
+            Err(e) => {
+                tracing::warn!(code = e.code.as_str(), "cannot sign the identity token");
+                for (name, value) in identity_headers(f.principal) {
+                    headers.insert(name, value);
+                }
+            }
+        },
+        None => {
+            for (name, value) in identity_headers(f.principal) {
+                headers.insert(name, value);
+            }
         }
     }
     let forwarded_for = HeaderName::from_static("x-forwarded-for");
     let chain = match headers.get(&forwarded_for).and_then(|v| v.to_str().ok()) {
-        Some(existing) if f.peer_trusted => format!("{existing}, {}", f.peer),
+        Some(existing) if f.client.peer_trusted => {
+            HeaderValue::from_str(&format!("{existing}, {}", f.client.peer_ip)).ok()
+        }
         // From an untrusted peer a client-sent chain is a claim nobody vouched for.
-        _ => f.peer.to_string(),
+        _ => f.client.forwarded_for.clone(),
     };
-    if let Ok(value) = HeaderValue::from_str(&chain) {
+    if let Some(value) = chain {
         headers.insert(forwarded_for, value);
     }
     headers.insert(
         HeaderName::from_static("x-forwarded-proto"),
         HeaderValue::from_static("http"),
     );
-    if let Some(id) = &f.request_id
+    if let Some(id) = f.request_id
         && let Ok(value) = HeaderValue::from_str(id.as_str())
     {
         headers.insert(REQUEST_ID_HEADER, value);
+    }
+}
+
+type UpstreamResult = Result<Response<Incoming>, ApiError>;
+
+fn upstream_error(e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(ErrorCode::UpstreamUnavailable).with_cause(e)
+}
+
+/// Through the shared per-thread pool (which wants the absolute URI).
+async fn send_pooled(
+    mut request: Request,
+    scheme: &Scheme,
+    authority: &Authority,
+) -> UpstreamResult {
+    let mut parts = request.uri().clone().into_parts();
+    parts.scheme = Some(scheme.clone());
+    parts.authority = Some(authority.clone());
+    *request.uri_mut() = Uri::from_parts(parts).map_err(upstream_error)?;
+    let client = CLIENT.with(Clone::clone);
+    client.request(request).await.map_err(upstream_error)
+}
+
+async fn connect(authority: &Authority) -> Result<SendRequest<Body>, ApiError> {
+    let port = authority.port_u16().unwrap_or(80);
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let stream = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        tokio::net::TcpStream::connect((host, port)),
+    )
+    .await
+    .map_err(|_| upstream_error("connect timed out"))?
+    .map_err(upstream_error)?;
+    let _ = stream.set_nodelay(true);
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(upstream_error)?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "upstream connection ended");
+        }
+    });
+    Ok(sender)
+}
+
+/// Over the client connection's own upstream connection when it is free, else the pool.
+async fn send(
+    client: &ClientConn,
+    request: Request,
+    scheme: &Scheme,
+    authority: &Authority,
+) -> UpstreamResult {
+    if *scheme != Scheme::HTTP {
+        return send_pooled(request, scheme, authority).await;
+    }
+    let Some(reserved) = client.reserve(authority) else {
+        return send_pooled(request, scheme, authority).await;
+    };
+    let mut reservation = Reservation {
+        client,
+        done: false,
+    };
+    let mut sender = match reserved {
+        Some(sender) => sender,
+        None => connect(authority).await?,
+    };
+    let outcome = sender.try_send_request(request).await;
+    reservation.done = true;
+    match outcome {
+        Ok(response) => {
+            client.release(Some((authority.clone(), sender)));
+            Ok(response)
+        }
+        Err(mut e) => {
+            client.release(None);
+            // Not sent at all (the connection closed meanwhile): the pool may still deliver it.
+            match e.take_message() {
+                Some(request) => send_pooled(request, scheme, authority).await,
+                None => Err(upstream_error(e.into_error())),
+            }
+        }
     }
 }
 
@@ -160,25 +338,28 @@ fn prepare_headers(state: &AppState, f: &Forward<'_>, headers: &mut HeaderMap) {
 pub async fn forward(state: &AppState, f: Forward<'_>, req: Request) -> Response {
     let (mut parts, body) = req.into_parts();
     prepare_headers(state, &f, &mut parts.headers);
-    let query = parts.uri.query().map(str::to_owned);
     match &f.route.upstream {
-        Upstream::Echo => echo(parts, body, &f.upstream_path, query.as_deref()).await,
+        Upstream::Echo => {
+            let query = parts.uri.query().map(str::to_owned);
+            echo(parts, body, &f.upstream_path, query.as_deref()).await
+        }
         Upstream::Http {
             scheme,
             authority,
             base_path,
         } => {
-            let mut path_and_query = format!("{base_path}{}", f.upstream_path);
-            if let Some(q) = &query {
+            let mut path_and_query = String::with_capacity(
+                base_path.len()
+                    + f.upstream_path.len()
+                    + parts.uri.query().map_or(0, |q| q.len() + 1),
+            );
+            path_and_query.push_str(base_path);
+            path_and_query.push_str(&f.upstream_path);
+            if let Some(q) = parts.uri.query() {
                 path_and_query.push('?');
                 path_and_query.push_str(q);
             }
-            let uri = Uri::builder()
-                .scheme(scheme.clone())
-                .authority(authority.clone())
-                .path_and_query(path_and_query)
-                .build();
-            let uri = match uri {
+            parts.uri = match Uri::try_from(path_and_query) {
                 Ok(uri) => uri,
                 Err(e) => {
                     return ApiError::new(ErrorCode::InvalidRequest)
@@ -189,15 +370,12 @@ pub async fn forward(state: &AppState, f: Forward<'_>, req: Request) -> Response
             if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
                 parts.headers.insert(header::HOST, host);
             }
-            parts.uri = uri;
             parts.version = Version::HTTP_11;
             let request = Request::from_parts(parts, body);
-            let client = CLIENT.with(Clone::clone);
-            match tokio::time::timeout(f.route.timeout, client.request(request)).await {
+            let sent = send(f.client, request, scheme, authority);
+            match tokio::time::timeout(f.route.timeout, sent).await {
                 Err(_) => ApiError::new(ErrorCode::UpstreamTimeout).into_response(),
-                Ok(Err(e)) => ApiError::new(ErrorCode::UpstreamUnavailable)
-                    .with_cause(e)
-                    .into_response(),
+                Ok(Err(e)) => e.into_response(),
                 Ok(Ok(response)) => {
                     let (mut parts, body) = response.into_parts();
                     strip_hop_by_hop(&mut parts.headers);

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use crate::config::{Config, RateLimitBackend};
 use crate::limits::LimitBackend;
 use crate::state::AppState;
-use crate::{app, bootstrap, internal_app};
+use crate::{bootstrap, internal_app};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -140,7 +140,9 @@ pub fn run(config: Config) -> Result<(), BoxError> {
     tracing::info!(public = %public_addr, internal = %internal_addr, workers, "keyward listening");
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let app = app(state.clone());
+    // Before the workers start: they keep the metric handles they first look up.
+    let metrics = crate::metrics::install();
+    let front = Arc::new(crate::front::Front::new(state.clone()));
     let mut handles = Vec::with_capacity(workers);
     let cores = state
         .config
@@ -150,7 +152,7 @@ pub fn run(config: Config) -> Result<(), BoxError> {
         .flatten();
     for (i, listener) in public.into_iter().enumerate() {
         let cores = cores.clone();
-        let app = app.clone();
+        let front = front.clone();
         let stop = stop_rx.clone();
         let handle = thread::Builder::new()
             .name(format!("keyward-worker-{i}"))
@@ -165,13 +167,12 @@ pub fn run(config: Config) -> Result<(), BoxError> {
                     .build()?;
                 rt.block_on(async move {
                     let listener = tokio::net::TcpListener::from_std(listener)?;
-                    serve_on(listener, app, stop).await
+                    crate::front::serve(listener, front, stop).await
                 })
             })?;
         handles.push(handle);
     }
 
-    let metrics = crate::metrics::install();
     main_rt.block_on(async {
         let internal = tokio::net::TcpListener::from_std(internal)?;
         let internal_server = tokio::spawn(serve_on(

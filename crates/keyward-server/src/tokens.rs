@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::sync::RwLock;
 
-use axum::http::HeaderValue;
+use axum::http::{HeaderName, HeaderValue};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::errors::ErrorKind;
@@ -112,6 +112,29 @@ pub struct ProxyClaims {
 /// Proxy-auth tokens live at most this long (`exp - iat`).
 pub const PROXY_MAX_TTL_SECS: i64 = 60;
 
+/// The header that carries the identity token to upstreams.
+pub const IDENTITY_HEADER: &str = "x-keyward-identity";
+
+/// Identity headers for one caller, shared by its requests.
+pub type IdentityHeaders = std::sync::Arc<[(HeaderName, HeaderValue)]>;
+
+struct CachedIdentity {
+    org_id: String,
+    project_id: Option<String>,
+    scopes: Vec<String>,
+    headers: IdentityHeaders,
+    exp: i64,
+}
+
+impl CachedIdentity {
+    /// Still this caller's identity (a user's proxy-auth claims may change between requests).
+    fn describes(&self, principal: &Principal) -> bool {
+        self.scopes.as_slice() == principal.scopes()
+            && self.org_id == principal.org_id.as_str()
+            && self.project_id.as_deref() == principal.project_id()
+    }
+}
+
 pub struct TokenService {
     config: TokensConfig,
     proxy: Option<DecodingKey>,
@@ -119,7 +142,7 @@ pub struct TokenService {
     keys: RwLock<Keys>,
     /// Identity tokens reused while they have 30 s or more to live: one signature per key
     /// and half-minute instead of one per request.
-    identities: dashmap::DashMap<String, (Vec<String>, HeaderValue, i64)>,
+    identities: dashmap::DashMap<String, CachedIdentity, foldhash::fast::RandomState>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -179,7 +202,7 @@ impl TokenService {
                 signing: None,
                 verifiers: HashMap::new(),
             }),
-            identities: dashmap::DashMap::new(),
+            identities: dashmap::DashMap::default(),
         };
         service.reload(store, master, now).await?;
         Ok(service)
@@ -324,29 +347,37 @@ impl TokenService {
         self.sign(IDENTITY_TYP, &claims)
     }
 
-    /// The identity token for this caller as a header value, reused while it has 30 s or
-    /// more to live (one signature per caller and half-minute, and no per-request copy).
-    pub fn identity_for(&self, principal: &Principal, now: Timestamp) -> ApiResult<HeaderValue> {
+    /// Every identity header for this caller (ids, scopes and the identity token), reused
+    /// while the token has 30 s or more to live: one signature per caller and half-minute, and
+    /// no per-request formatting.
+    pub fn identity_for(
+        &self,
+        principal: &Principal,
+        now: Timestamp,
+    ) -> ApiResult<IdentityHeaders> {
         let who = principal.actor_str();
-        if let Some(entry) = self.identities.get(who) {
-            let (scopes, value, exp) = entry.value();
-            if *exp - now.as_secs() >= IDENTITY_TTL_SECS / 2
-                && scopes.as_slice() == principal.scopes()
-            {
-                return Ok(value.clone());
-            }
+        if let Some(entry) = self.identities.get(who)
+            && entry.exp - now.as_secs() >= IDENTITY_TTL_SECS / 2
+            && entry.describes(principal)
+        {
+            return Ok(entry.headers.clone());
         }
         let token = self.issue_identity(principal, now)?;
         let value = HeaderValue::from_str(&token).map_err(ApiError::internal)?;
+        let mut headers = crate::proxy::identity_headers(principal);
+        headers.push((HeaderName::from_static(IDENTITY_HEADER), value));
+        let headers: IdentityHeaders = headers.into();
         self.identities.insert(
             who.to_owned(),
-            (
-                principal.scopes().to_vec(),
-                value.clone(),
-                now.as_secs() + IDENTITY_TTL_SECS,
-            ),
+            CachedIdentity {
+                org_id: principal.org_id.to_string(),
+                project_id: principal.project_id().map(str::to_owned),
+                scopes: principal.scopes().to_vec(),
+                headers: headers.clone(),
+                exp: now.as_secs() + IDENTITY_TTL_SECS,
+            },
         );
-        Ok(value)
+        Ok(headers)
     }
 
     /// Verifies an access token: signature with one of our keys, the configured algorithm,

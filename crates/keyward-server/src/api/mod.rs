@@ -8,7 +8,7 @@ pub mod views;
 use axum::Router;
 use axum::http::{HeaderValue, header};
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use keyward_core::ErrorCode;
 use serde::Deserialize;
 
@@ -18,19 +18,30 @@ use crate::state::AppState;
 pub const DEFAULT_PAGE_SIZE: u32 = 20;
 pub const MAX_PAGE_SIZE: u32 = 100;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/keys", get(keys::list).post(keys::create))
-        .route("/v1/keys/leaked", post(keys::leaked))
-        .route(
+/// Every management route: the one list both the router and the gateway's front (which must
+/// know keyward's own paths to pass everything else straight to the data plane) are built from.
+pub fn routes() -> Vec<(&'static str, MethodRouter<AppState>)> {
+    vec![
+        ("/v1/keys", get(keys::list).post(keys::create)),
+        ("/v1/keys/leaked", post(keys::leaked)),
+        (
             "/v1/keys/{id}",
             get(keys::show).patch(keys::update).delete(keys::revoke),
-        )
-        .route("/v1/keys/{id}/rotate", post(keys::rotate))
-        .route("/v1/keys/{id}/usage", get(keys::usage))
-        .route("/v1/projects", get(projects::list).post(projects::create))
-        .route("/v1/org", get(projects::org))
-        .route("/v1/audit-log", get(audit::list))
+        ),
+        ("/v1/keys/{id}/rotate", post(keys::rotate)),
+        ("/v1/keys/{id}/usage", get(keys::usage)),
+        ("/v1/projects", get(projects::list).post(projects::create)),
+        ("/v1/org", get(projects::org)),
+        ("/v1/audit-log", get(audit::list)),
+    ]
+}
+
+pub fn router() -> Router<AppState> {
+    routes()
+        .into_iter()
+        .fold(Router::new(), |router, (path, handler)| {
+            router.route(path, handler)
+        })
         .layer(axum::middleware::map_response(no_store))
 }
 

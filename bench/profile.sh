@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Profiles keyward's proxy path under load: nginx `return 200` upstream, keyward (memory
+# limits) in front, wrk with keys drawn from 10,000, `perf record` on keyward meanwhile.
+# Prints the hottest symbols (self time) and writes perf.data + a folded-stack file.
+# Usage: bench/profile.sh [proxy|auth] (SECONDS_=15 NKEYS=10000; CALLGRAPH=1 for call graphs)
+# Needs linux-perf (installed from Debian when missing).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MODE=${1:-proxy}
+SECS=${SECONDS_:-15}
+NKEYS=${NKEYS:-10000}
+command -v perf >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-perf >/dev/null; }
+command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light >/dev/null; }
+
+cargo build --release -p keyward >&2
+BIN=$PWD/target/release/keyward
+RUN=$(mktemp -d /tmp/keyward-profile.XXXXXX)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+wait_port() { for _ in $(seq 1 200); do (echo >/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 did not open" >&2; exit 1; }
+
+sed "s#__RUN__#$RUN#g" bench/nginx-upstream.conf > "$RUN/upstream.conf"
+nginx -c "$RUN/upstream.conf" -p "$RUN" & pids+=($!)
+wait_port 19000
+mkdir -p "$RUN/kw"
+cat > "$RUN/kw/keyward.toml" <<CFG
+[server]
+listen = "127.0.0.1:19001"
+internal_listen = "127.0.0.1:19011"
+data_dir = "$RUN/kw-data"
+[store]
+url = "sqlite://$RUN/kw/keyward.db"
+[ratelimit.tiers.free]
+per_minute = 1000000000
+per_hour = 1000000000
+[log]
+level = "warn"
+[[routes]]
+name = "bench"
+path = "/bench/"
+upstream = "http://127.0.0.1:19000"
+scopes = ["inference"]
+strip_prefix = true
+CFG
+(cd "$RUN/kw" && exec "$BIN" serve > out.log 2> err.log) & pids+=($!)
+kw=$!
+wait_port 19001
+ADMIN=$(grep -E '^kw_' "$RUN/kw/err.log")
+python3 bench/make_keys.py 127.0.0.1:19001 "$ADMIN" "$NKEYS" "$RUN/keys.txt"
+
+url=http://127.0.0.1:19001/bench/x
+extra=""
+if [ "$MODE" = auth ]; then url=http://127.0.0.1:19001/v1/auth; extra="X-Forwarded-Uri: /bench/x"; fi
+KEYS_FILE="$RUN/keys.txt" EXTRA_HEADER="$extra" wrk -t2 -c64 -d2s -s bench/keys.lua "$url" > /dev/null
+KEYS_FILE="$RUN/keys.txt" EXTRA_HEADER="$extra" wrk -t2 -c64 -d"$((SECS + 2))s" --latency -s bench/keys.lua "$url" > "$RUN/wrk.txt" &
+wrk_pid=$!
+sleep 1
+graph=()
+[ -n "${CALLGRAPH:-}" ] && graph=(--call-graph dwarf,16384)
+perf record -F 499 "${graph[@]}" -o "$RUN/perf.data" -p "$kw" -- sleep "$SECS" 2> /dev/null
+wait "$wrk_pid"
+cat "$RUN/wrk.txt"
+perf report -i "$RUN/perf.data" --no-children --sort dso,symbol --stdio 2> /dev/null | grep -v '^#' | grep -v '^$' | head -60
+echo "perf data: $RUN/perf.data"
