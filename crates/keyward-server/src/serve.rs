@@ -238,7 +238,7 @@ async fn reload_signing_keys(
 /// Writes usage counts and live credit counts; drops idle limiter state.
 async fn flush_usage(state: &AppState) {
     let now = state.clock.now();
-    match state.usage.flush(&*state.store, now).await {
+    match state.usage.flush(&*state.store).await {
         Ok(0) => {}
         Ok(rows) => tracing::debug!(rows, "usage written"),
         Err(e) => tracing::warn!(error = %e, "cannot write usage; kept in memory for the next try"),
@@ -249,6 +249,9 @@ async fn flush_usage(state: &AppState) {
         && let Err(e) = state.store.store_credits(&credits).await
     {
         tracing::warn!(error = %e, "cannot write credit counts; the limiter keeps them");
+    }
+    if let Some(tokens) = &state.tokens {
+        tokens.evict_identities(now);
     }
     state.limiter.backend().evict_idle(now);
     state.limiter.local().evict_idle(now);

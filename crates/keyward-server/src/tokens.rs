@@ -9,7 +9,7 @@
 //!   are refused. Each kind of token has its own `typ` and `aud`, so none stands in for another.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use axum::http::{HeaderName, HeaderValue};
 use base64::Engine;
@@ -116,8 +116,15 @@ pub const PROXY_MAX_TTL_SECS: i64 = 60;
 pub const IDENTITY_HEADER: &str = "x-keyward-identity";
 
 /// Identity headers for one caller, shared by its requests.
-pub type IdentityHeaders = std::sync::Arc<[(HeaderName, HeaderValue)]>;
+pub type IdentityHeaders = Arc<[(HeaderName, HeaderValue)]>;
 
+struct KeyIdentity {
+    key: Arc<keyward_core::key::ApiKey>,
+    headers: IdentityHeaders,
+    exp: i64,
+}
+
+/// A proxy-authenticated user's identity.
 struct CachedIdentity {
     org_id: String,
     project_id: Option<String>,
@@ -143,6 +150,7 @@ pub struct TokenService {
     /// Identity tokens reused while they have 30 s or more to live: one signature per key
     /// and half-minute instead of one per request.
     identities: dashmap::DashMap<String, CachedIdentity, foldhash::fast::RandomState>,
+    key_identities: dashmap::DashMap<usize, KeyIdentity, foldhash::fast::RandomState>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -203,6 +211,7 @@ impl TokenService {
                 verifiers: HashMap::new(),
             }),
             identities: dashmap::DashMap::default(),
+            key_identities: dashmap::DashMap::default(),
         };
         service.reload(store, master, now).await?;
         Ok(service)
@@ -276,6 +285,7 @@ impl TokenService {
             *slot = keys;
             if !same_signer {
                 self.identities.clear();
+                self.key_identities.clear();
             }
         }
         Ok(())
@@ -355,18 +365,36 @@ impl TokenService {
         principal: &Principal,
         now: Timestamp,
     ) -> ApiResult<IdentityHeaders> {
+        let fresh = |exp: i64| exp - now.as_secs() >= IDENTITY_TTL_SECS / 2;
+        // A key's identity is found by the address of its cached `ApiKey` (immutable; a changed
+        // key is a new allocation), which the entry keeps alive so the address is not reused.
+        if let Some(key) = principal.key() {
+            let address = Arc::as_ptr(key) as usize;
+            if let Some(entry) = self.key_identities.get(&address)
+                && Arc::ptr_eq(&entry.key, key)
+                && fresh(entry.exp)
+            {
+                return Ok(entry.headers.clone());
+            }
+            let headers = self.identity_headers(principal, now)?;
+            self.key_identities.insert(
+                address,
+                KeyIdentity {
+                    key: key.clone(),
+                    headers: headers.clone(),
+                    exp: now.as_secs() + IDENTITY_TTL_SECS,
+                },
+            );
+            return Ok(headers);
+        }
         let who = principal.actor_str();
         if let Some(entry) = self.identities.get(who)
-            && entry.exp - now.as_secs() >= IDENTITY_TTL_SECS / 2
+            && fresh(entry.exp)
             && entry.describes(principal)
         {
             return Ok(entry.headers.clone());
         }
-        let token = self.issue_identity(principal, now)?;
-        let value = HeaderValue::from_str(&token).map_err(ApiError::internal)?;
-        let mut headers = crate::proxy::identity_headers(principal);
-        headers.push((HeaderName::from_static(IDENTITY_HEADER), value));
-        let headers: IdentityHeaders = headers.into();
+        let headers = self.identity_headers(principal, now)?;
         self.identities.insert(
             who.to_owned(),
             CachedIdentity {
@@ -378,6 +406,25 @@ impl TokenService {
             },
         );
         Ok(headers)
+    }
+
+    fn identity_headers(
+        &self,
+        principal: &Principal,
+        now: Timestamp,
+    ) -> ApiResult<IdentityHeaders> {
+        let token = self.issue_identity(principal, now)?;
+        let value = HeaderValue::from_str(&token).map_err(ApiError::internal)?;
+        let mut headers = crate::proxy::identity_headers(principal);
+        headers.push((HeaderName::from_static(IDENTITY_HEADER), value));
+        Ok(headers.into())
+    }
+
+    /// Drops identities too old to be reused (called with the periodic flush).
+    pub fn evict_identities(&self, now: Timestamp) {
+        let live = |exp: i64| exp - now.as_secs() >= IDENTITY_TTL_SECS / 2;
+        self.key_identities.retain(|_, entry| live(entry.exp));
+        self.identities.retain(|_, entry| live(entry.exp));
     }
 
     /// Verifies an access token: signature with one of our keys, the configured algorithm,

@@ -2,7 +2,9 @@
 //! memory with atomics on the request path, written to storage in batches (every
 //! `usage.flush_seconds` and once more at shutdown, after the last connection closed).
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use parking_lot::Mutex;
 
 use dashmap::DashMap;
 use keyward_core::ids::KeyId;
@@ -29,102 +31,89 @@ impl Outcome {
     }
 }
 
+/// One key's counts not yet written.
 #[derive(Default)]
-struct Counters {
-    allowed: AtomicU64,
-    unauthorized: AtomicU64,
-    forbidden: AtomicU64,
-    rate_limited: AtomicU64,
+struct KeyUsage {
+    last_used: AtomicI64,
+    /// Counts by minute start, oldest first: rarely more than two minutes between flushes.
+    minutes: Mutex<Vec<(i64, UsageCounts)>>,
 }
 
-impl Counters {
-    fn take(&self) -> UsageCounts {
-        UsageCounts {
-            allowed: self.allowed.swap(0, Ordering::AcqRel),
-            unauthorized: self.unauthorized.swap(0, Ordering::AcqRel),
-            forbidden: self.forbidden.swap(0, Ordering::AcqRel),
-            rate_limited: self.rate_limited.swap(0, Ordering::AcqRel),
-        }
-    }
-
-    fn peek(&self) -> UsageCounts {
-        UsageCounts {
-            allowed: self.allowed.load(Ordering::Acquire),
-            unauthorized: self.unauthorized.load(Ordering::Acquire),
-            forbidden: self.forbidden.load(Ordering::Acquire),
-            rate_limited: self.rate_limited.load(Ordering::Acquire),
+impl KeyUsage {
+    fn add(&self, minute: i64, counts: &UsageCounts) {
+        let mut minutes = self.minutes.lock();
+        match minutes.iter_mut().rev().find(|(m, _)| *m == minute) {
+            Some((_, existing)) => existing.add(counts),
+            None => {
+                minutes.push((minute, *counts));
+                minutes.sort_unstable_by_key(|(m, _)| *m);
+            }
         }
     }
 }
 
+/// Keyed by the key's id, looked up without copying it: one map probe and one uncontended
+/// lock per request.
 #[derive(Default)]
 pub struct UsageRecorder {
-    counts: DashMap<(KeyId, i64), Counters>,
-    last_used: DashMap<KeyId, AtomicI64>,
+    keys: DashMap<KeyId, KeyUsage, foldhash::fast::RandomState>,
+}
+
+fn one(outcome: Outcome) -> UsageCounts {
+    let mut counts = UsageCounts::default();
+    match outcome {
+        Outcome::Allowed => counts.allowed = 1,
+        Outcome::Unauthorized => counts.unauthorized = 1,
+        Outcome::Forbidden => counts.forbidden = 1,
+        Outcome::RateLimited => counts.rate_limited = 1,
+    }
+    counts
 }
 
 impl UsageRecorder {
     pub fn record(&self, key: &KeyId, outcome: Outcome, now: Timestamp) {
-        let slot = (key.clone(), now.minute_start().as_millis());
-        let add = |c: &Counters| {
-            let counter = match outcome {
-                Outcome::Allowed => &c.allowed,
-                Outcome::Unauthorized => &c.unauthorized,
-                Outcome::Forbidden => &c.forbidden,
-                Outcome::RateLimited => &c.rate_limited,
-            };
-            counter.fetch_add(1, Ordering::AcqRel);
-        };
-        // A shared (read) lock in the common case: the minute's counters exist already.
-        match self.counts.get(&slot) {
-            Some(counters) => add(&counters),
-            None => add(&self.counts.entry(slot).or_default()),
-        }
-        if outcome == Outcome::Allowed {
-            match self.last_used.get(key) {
-                Some(at) => {
-                    at.fetch_max(now.as_millis(), Ordering::AcqRel);
-                }
-                None => {
-                    self.last_used
-                        .entry(key.clone())
-                        .or_insert_with(|| AtomicI64::new(0))
-                        .fetch_max(now.as_millis(), Ordering::AcqRel);
-                }
+        let record = |usage: &KeyUsage| {
+            usage.add(now.minute_start().as_millis(), &one(outcome));
+            if outcome == Outcome::Allowed {
+                usage.last_used.fetch_max(now.as_millis(), Ordering::AcqRel);
             }
+        };
+        // A shared (read) lock in the common case: the key has an entry already.
+        match self.keys.get(key) {
+            Some(usage) => record(&usage),
+            None => record(&self.keys.entry(key.clone()).or_default()),
         }
     }
 
     /// Counts not yet written, for one key (merged into usage answers).
     pub fn pending(&self, key: &KeyId) -> Vec<(Timestamp, UsageCounts)> {
-        self.counts
+        let Some(usage) = self.keys.get(key) else {
+            return Vec::new();
+        };
+        let minutes = usage.minutes.lock();
+        minutes
             .iter()
-            .filter(|e| &e.key().0 == key)
-            .map(|e| (Timestamp::from_millis(e.key().1), e.value().peek()))
             .filter(|(_, c)| !c.is_zero())
+            .map(|(m, c)| (Timestamp::from_millis(*m), *c))
             .collect()
     }
 
-    /// Takes every count so far. Counters are zeroed in place, never removed while a request
-    /// could still add to them; entries two minutes old are removed.
-    fn drain(&self, now: Timestamp) -> (Vec<UsageRow>, Vec<(KeyId, Timestamp)>) {
+    /// Takes every count so far; keys with nothing left are dropped (a later request makes a
+    /// new entry).
+    fn drain(&self) -> (Vec<UsageRow>, Vec<(KeyId, Timestamp)>) {
         let mut rows = Vec::new();
-        for entry in self.counts.iter() {
-            let counts = entry.value().take();
-            if !counts.is_zero() {
-                rows.push(UsageRow {
-                    key_id: entry.key().0.clone(),
-                    minute: Timestamp::from_millis(entry.key().1),
-                    counts,
-                });
-            }
-        }
-        let stale = now.minute_start().plus_secs(-120).as_millis();
-        self.counts
-            .retain(|(_, minute), c| *minute > stale || !c.peek().is_zero());
         let mut last_used = Vec::new();
-        self.last_used.retain(|key, at| {
-            let at = at.swap(0, Ordering::AcqRel);
+        self.keys.retain(|key, usage| {
+            for (minute, counts) in std::mem::take(&mut *usage.minutes.lock()) {
+                if !counts.is_zero() {
+                    rows.push(UsageRow {
+                        key_id: key.clone(),
+                        minute: Timestamp::from_millis(minute),
+                        counts,
+                    });
+                }
+            }
+            let at = usage.last_used.swap(0, Ordering::AcqRel);
             if at > 0 {
                 last_used.push((key.clone(), Timestamp::from_millis(at)));
             }
@@ -134,8 +123,8 @@ impl UsageRecorder {
     }
 
     /// Writes everything counted so far. On failure the counts are put back.
-    pub async fn flush(&self, store: &dyn Store, now: Timestamp) -> StoreResult<usize> {
-        let (rows, last_used) = self.drain(now);
+    pub async fn flush(&self, store: &dyn Store) -> StoreResult<usize> {
+        let (rows, last_used) = self.drain();
         if rows.is_empty() && last_used.is_empty() {
             return Ok(0);
         }
@@ -143,27 +132,16 @@ impl UsageRecorder {
             Ok(()) => Ok(rows.len()),
             Err(e) => {
                 for row in &rows {
-                    let entry = self
-                        .counts
-                        .entry((row.key_id.clone(), row.minute.as_millis()))
-                        .or_default();
-                    entry
-                        .allowed
-                        .fetch_add(row.counts.allowed, Ordering::AcqRel);
-                    entry
-                        .unauthorized
-                        .fetch_add(row.counts.unauthorized, Ordering::AcqRel);
-                    entry
-                        .forbidden
-                        .fetch_add(row.counts.forbidden, Ordering::AcqRel);
-                    entry
-                        .rate_limited
-                        .fetch_add(row.counts.rate_limited, Ordering::AcqRel);
+                    self.keys
+                        .entry(row.key_id.clone())
+                        .or_default()
+                        .add(row.minute.as_millis(), &row.counts);
                 }
                 for (key, at) in last_used {
-                    self.last_used
+                    self.keys
                         .entry(key)
-                        .or_insert_with(|| AtomicI64::new(0))
+                        .or_default()
+                        .last_used
                         .fetch_max(at.as_millis(), Ordering::AcqRel);
                 }
                 Err(e)
@@ -184,7 +162,7 @@ mod tests {
         r.record(&k, Outcome::Allowed, t);
         r.record(&k, Outcome::Allowed, t.plus_secs(30));
         r.record(&k, Outcome::Forbidden, t.plus_secs(61));
-        let (rows, last) = r.drain(t.plus_secs(61));
+        let (rows, last) = r.drain();
         assert_eq!(rows.len(), 2);
         let first = rows.iter().find(|r| r.minute == t).map(|r| r.counts);
         assert_eq!(
@@ -195,7 +173,7 @@ mod tests {
             })
         );
         assert_eq!(last, vec![(k.clone(), t.plus_secs(30))]);
-        let (again, _) = r.drain(t.plus_secs(61));
+        let (again, _) = r.drain();
         assert!(again.is_empty());
         assert!(r.pending(&k).is_empty());
     }

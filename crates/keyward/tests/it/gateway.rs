@@ -325,6 +325,65 @@ async fn upstream_failures_are_enveloped_and_upstream_answers_pass_through() {
     );
 }
 
+/// One client connection gets one upstream connection, and keeps working when that upstream
+/// connection closes, times out or fails.
+#[tokio::test]
+async fn a_client_connection_keeps_its_upstream_connection_and_survives_its_loss() {
+    let (s, up) = gateway("").await;
+    let (_, key) = s.create_key(json!({"scopes": ["inference"]})).await;
+    // reqwest reuses one keep-alive connection for sequential requests.
+    let ok = |path: &'static str| {
+        let (s, key) = (&s, &key);
+        async move {
+            let r = s.call(Method::GET, path, Some(key), None).await;
+            assert_eq!(r.status, 200, "{path}: {}", r.text);
+            r
+        }
+    };
+    let port_of = |r: &crate::harness::Reply| r.body["peer_port"].as_u64().unwrap();
+    let first = port_of(&ok("/public/a").await);
+    assert_eq!(port_of(&ok("/public/b").await), first);
+    assert_eq!(port_of(&ok("/v1/chat/c").await), first);
+
+    // The upstream closes its side: the next request opens a new upstream connection.
+    assert_eq!(ok("/public/close").await.text, "closing");
+    let second = port_of(&ok("/public/d").await);
+    assert_ne!(second, first);
+    assert_eq!(port_of(&ok("/public/e").await), second);
+
+    // A timeout abandons the upstream connection mid-request; the client's next request works.
+    s.call(Method::GET, "/slow/slow", Some(&key), None)
+        .await
+        .assert_error(504, "upstream_timeout");
+    let third = port_of(&ok("/public/f").await);
+    assert_ne!(third, second);
+    // Another upstream (unreachable), then the built-in one, then back: all on one connection.
+    s.call(Method::GET, "/down/x", Some(&key), None)
+        .await
+        .assert_error(502, "upstream_unavailable");
+    ok("/echo/g").await;
+    ok("/public/h").await;
+    let paths: Vec<String> = up
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r["path"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "/api/a",
+            "/api/b",
+            "/api/v1/chat/c",
+            "/api/d",
+            "/api/e",
+            "/api/f",
+            "/api/h"
+        ]
+    );
+}
+
 #[tokio::test]
 async fn builtin_echo_route_shows_what_an_upstream_receives() {
     let s = TestServer::start().await;
@@ -368,6 +427,26 @@ async fn forward_auth_and_verify() {
     let ok = auth("/v1/chat/completions?x=1", Some(inference.clone())).await;
     assert_eq!(ok.status, 200, "{}", ok.text);
     assert_eq!(ok.header("x-keyward-key-id"), Some(id.as_str()));
+    assert_eq!(ok.header("x-keyward-scopes"), Some("inference"));
+    // The signed identity too, for a proxy to pass on (auth_request_set and the like).
+    let identity = ok.header("x-keyward-identity").unwrap();
+    assert_eq!(identity.split('.').count(), 3);
+    // Through the full stack (a browser's Origin) the answer is the same.
+    let cors = s
+        .client
+        .get(format!("{}/v1/auth", s.base))
+        .header("Origin", "https://app.example")
+        .header("X-Forwarded-Uri", "/v1/chat/x")
+        .bearer_auth(&inference)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cors.status(), 200);
+    assert_eq!(
+        cors.headers()["x-keyward-key-id"].to_str().unwrap(),
+        id.as_str()
+    );
+    assert!(cors.headers().contains_key("access-control-allow-origin"));
     auth("/admin/x", Some(inference.clone()))
         .await
         .assert_error(403, "insufficient_scope");

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Request, State};
+use axum::extract::{ConnectInfo, Path, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
@@ -22,7 +22,11 @@ pub struct Upstream {
     pub seen: Arc<Mutex<Vec<serde_json::Value>>>,
 }
 
-async fn echo(State(up): State<Upstream>, req: Request) -> Response {
+async fn echo(
+    State(up): State<Upstream>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+) -> Response {
     let (parts, body) = req.into_parts();
     let body = axum::body::to_bytes(body, 64 * 1024 * 1024)
         .await
@@ -40,6 +44,8 @@ async fn echo(State(up): State<Upstream>, req: Request) -> Response {
         "query": parts.uri.query(),
         "headers": headers,
         "body_len": body.len(),
+        // Which of keyward's upstream connections carried it.
+        "peer_port": peer.port(),
     });
     up.seen.lock().unwrap().push(seen.clone());
     axum::Json(seen).into_response()
@@ -69,6 +75,11 @@ async fn slow() -> &'static str {
     "late"
 }
 
+/// Answers, then closes the connection (as an upstream at its keep-alive limit does).
+async fn close() -> Response {
+    ([("connection", "close")], "closing").into_response()
+}
+
 async fn status(Path(code): Path<u16>) -> Response {
     let status = StatusCode::from_u16(code).unwrap_or(StatusCode::IM_A_TEAPOT);
     (status, [("x-upstream", "yes")], "upstream says so").into_response()
@@ -82,12 +93,18 @@ pub async fn start() -> (SocketAddr, Upstream) {
         .route("/api/sse", get(sse))
         .route("/api/slow", get(slow))
         .route("/api/status/{code}", get(status))
+        .route("/api/close", get(close))
         .fallback(any(echo))
         .with_state(up.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
-        axum::serve(listener, app).await.unwrap();
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+        .unwrap();
     });
     (addr, up)
 }
