@@ -132,9 +132,14 @@ pub fn decide(logs: &mut [(&mut SlidingLog, Limit)], cost: u64, now: i64) -> (bo
 
 /// Which verdict the headers report: when refused, the refusal that lasts longest (waiting
 /// for it is waiting for all); when allowed, the one with the fewest units left.
-pub fn binding(verdicts: &[Verdict]) -> Option<usize> {
+pub fn binding<'a, I>(verdicts: I) -> Option<usize>
+where
+    I: IntoIterator<Item = &'a Verdict>,
+    I::IntoIter: Clone,
+{
+    let verdicts = verdicts.into_iter();
     let refused = verdicts
-        .iter()
+        .clone()
         .enumerate()
         .filter(|(_, v)| !v.allowed)
         .max_by_key(|(_, v)| v.retry_after_ms.unwrap_or(0));
@@ -142,7 +147,6 @@ pub fn binding(verdicts: &[Verdict]) -> Option<usize> {
         return Some(i);
     }
     verdicts
-        .iter()
         .enumerate()
         .min_by_key(|(_, v)| (v.remaining, v.limit))
         .map(|(i, _)| i)

@@ -169,10 +169,10 @@ pub async fn resolve_id(
     id: &KeyId,
 ) -> Result<Option<CachedSecret>, keyward_store::StoreError> {
     if let Some(hit) = cache.by_id.get(id) {
-        metrics::counter!("keyward_key_cache_hits_total").increment(1);
+        crate::metrics::key_cache_hit();
         return Ok(Some(hit.value().clone()));
     }
-    metrics::counter!("keyward_key_cache_misses_total").increment(1);
+    crate::metrics::key_cache_miss();
     let epoch = cache.epoch.load(Ordering::Acquire);
     let found = store.find_key_by_id(id).await?.map(|found| CachedSecret {
         key: Arc::new(found.key),
@@ -199,15 +199,15 @@ pub async fn resolve(
 ) -> Result<Option<CachedSecret>, keyward_store::StoreError> {
     match cache.lookup(hash, now) {
         Lookup::Hit(secret) => {
-            metrics::counter!("keyward_key_cache_hits_total").increment(1);
+            crate::metrics::key_cache_hit();
             Ok(Some(secret))
         }
         Lookup::KnownUnknown => {
-            metrics::counter!("keyward_key_cache_negative_hits_total").increment(1);
+            crate::metrics::key_cache_negative_hit();
             Ok(None)
         }
         Lookup::Miss(epoch) => {
-            metrics::counter!("keyward_key_cache_misses_total").increment(1);
+            crate::metrics::key_cache_miss();
             let found = store.find_by_hash(hash).await?.map(|found| CachedSecret {
                 key: Arc::new(found.key),
                 validity: found.validity,

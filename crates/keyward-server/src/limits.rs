@@ -66,8 +66,7 @@ pub struct LimitReport {
 
 impl LimitReport {
     pub fn binding(&self) -> Option<&(Policy, Verdict)> {
-        let verdicts: Vec<Verdict> = self.verdicts.iter().map(|(_, v)| *v).collect();
-        ratelimit::binding(&verdicts).and_then(|i| self.verdicts.get(i))
+        ratelimit::binding(self.verdicts.iter().map(|(_, v)| v)).and_then(|i| self.verdicts.get(i))
     }
 
     pub fn retry_after_secs(&self) -> Option<u64> {
@@ -215,12 +214,31 @@ struct OrgLogs {
     hour: SlidingLog,
 }
 
+/// Ids are keyward's own, not chosen by clients: a fast hasher is safe here.
+type IdMap<K, V> = DashMap<K, V, foldhash::fast::RandomState>;
+
 /// Limits held by this node: exact, per key and per organisation, behind one small lock each.
 #[derive(Default)]
 pub struct MemoryBackend {
-    keys: DashMap<KeyId, Mutex<KeyLog>>,
-    orgs: DashMap<OrgId, Mutex<OrgLogs>>,
-    credits: DashMap<KeyId, Mutex<CreditState>>,
+    keys: IdMap<KeyId, Mutex<KeyLog>>,
+    orgs: IdMap<OrgId, Mutex<OrgLogs>>,
+    credits: IdMap<KeyId, Mutex<CreditState>>,
+}
+
+/// One probe when the state exists (the common case), the entry API only to create it.
+fn get_or_create<'a, K, V>(
+    map: &'a IdMap<K, V>,
+    id: &K,
+) -> Result<dashmap::mapref::one::Ref<'a, K, V>, BackendError>
+where
+    K: std::hash::Hash + Eq + Clone,
+    V: Default,
+{
+    if let Some(entry) = map.get(id) {
+        return Ok(entry);
+    }
+    map.entry(id.clone()).or_default();
+    map.get(id).ok_or_else(vanished)
 }
 
 fn vanished() -> BackendError {
@@ -235,19 +253,11 @@ impl MemoryBackend {
         now: Timestamp,
     ) -> Result<LimitReport, BackendError> {
         let t = now.as_millis();
-        if let Some(key_id) = &plan.key_id
-            && !self.keys.contains_key(key_id)
-        {
-            self.keys.entry(key_id.clone()).or_default();
-        }
-        if !self.orgs.contains_key(&plan.org_id) {
-            self.orgs.entry(plan.org_id.clone()).or_default();
-        }
         let key_entry = match &plan.key_id {
-            Some(key_id) => Some(self.keys.get(key_id).ok_or_else(vanished)?),
+            Some(key_id) => Some(get_or_create(&self.keys, key_id)?),
             None => None,
         };
-        let org_entry = self.orgs.get(&plan.org_id).ok_or_else(vanished)?;
+        let org_entry = get_or_create(&self.orgs, &plan.org_id)?;
         // Lock order: key, then organisation, then credits — the same everywhere.
         let mut key_guard = key_entry.as_ref().map(|entry| entry.lock());
         let mut org = org_entry.lock();
@@ -279,12 +289,15 @@ impl MemoryBackend {
         let cost = i64::try_from(plan.cost).unwrap_or(i64::MAX);
         let mut credits_remaining = None;
         if let (Some(credit_plan), Some(key_id)) = (&plan.credits, &plan.key_id) {
-            if !self.credits.contains_key(key_id) {
-                self.credits
-                    .entry(key_id.clone())
-                    .or_insert_with(|| Mutex::new(CreditState::load(credit_plan, now)));
-            }
-            let entry = self.credits.get(key_id).ok_or_else(vanished)?;
+            let entry = match self.credits.get(key_id) {
+                Some(entry) => entry,
+                None => {
+                    self.credits
+                        .entry(key_id.clone())
+                        .or_insert_with(|| Mutex::new(CreditState::load(credit_plan, now)));
+                    self.credits.get(key_id).ok_or_else(vanished)?
+                }
+            };
             let mut credits = entry.lock();
             credits.refresh(credit_plan, now);
             if credits.remaining < cost {

@@ -16,3 +16,22 @@ pub fn install() -> Option<PrometheusHandle> {
         .install_recorder()
         .ok()
 }
+
+/// A label-less counter looked up once: finding it in the recorder per request hashes its
+/// name under a lock. Resolved on first use, which comes after [`install`] in `serve`.
+macro_rules! cached_counter {
+    ($fn_name:ident, $metric:literal) => {
+        pub fn $fn_name() {
+            static COUNTER: std::sync::LazyLock<metrics::Counter> =
+                std::sync::LazyLock::new(|| metrics::counter!($metric));
+            COUNTER.increment(1);
+        }
+    };
+}
+
+cached_counter!(key_cache_hit, "keyward_key_cache_hits_total");
+cached_counter!(key_cache_miss, "keyward_key_cache_misses_total");
+cached_counter!(
+    key_cache_negative_hit,
+    "keyward_key_cache_negative_hits_total"
+);
