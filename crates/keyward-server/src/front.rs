@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Body;
+use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::ConnectInfo;
 use axum::http::{Method, Request, header};
 use axum::response::{IntoResponse, Response};
@@ -71,7 +71,13 @@ impl Front {
         }
     }
 
-    pub async fn handle(&self, client: &ClientConn, req: Request<Incoming>) -> Response {
+    /// Answers one request of a client connection (any body: hyper's on a socket, an
+    /// in-memory one in benchmarks).
+    pub async fn handle<B>(&self, client: &ClientConn, req: Request<B>) -> Response
+    where
+        B: HttpBody<Data = Bytes> + Send + 'static,
+        B::Error: Into<axum::BoxError>,
+    {
         let mut req = req.map(Body::new);
         match self.lane(&req) {
             Lane::Application => {
@@ -127,7 +133,7 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let front = front.clone();
         let client = Arc::new(ClientConn::new(peer, &front.state));
-        let service = hyper::service::service_fn(move |req| {
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let front = front.clone();
             let client = client.clone();
             async move { Ok::<_, Infallible>(front.handle(&client, req).await) }

@@ -1,0 +1,136 @@
+//! Whole requests in process, no socket: a gateway request through the front (routing, key
+//! verification, limits, identity headers, the built-in echo upstream, the error/metrics
+//! bookkeeping), and verification of an access token.
+//! `cargo bench -p keyward-server --bench request`
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, header};
+use criterion::{Criterion, criterion_group, criterion_main};
+use keyward_core::SystemClock;
+use keyward_server::front::Front;
+use keyward_server::lifecycle::{self, Actor, CreateKeyInput};
+use keyward_server::master_key::MasterKey;
+use keyward_server::proxy::ClientConn;
+use keyward_server::state::AppState;
+use keyward_server::tokens::TokenService;
+use secrecy::ExposeSecret;
+
+struct Setup {
+    state: AppState,
+    front: Front,
+    secret: String,
+    token: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| unreachable!("{e}"));
+    let root = dir.path().display();
+    let config = keyward_server::config::from_toml_str(&format!(
+        r#"
+[server]
+data_dir = "{root}/data"
+[store]
+url = "sqlite://{root}/keyward.db"
+[log]
+level = "warn"
+[ratelimit.tiers.free]
+per_minute = 1000000000
+per_hour = 1000000000
+[[routes]]
+name = "echo"
+path = "/echo/"
+upstream = "builtin:echo"
+scopes = ["inference"]
+strip_prefix = true
+"#
+    ))
+    .unwrap_or_else(|e| unreachable!("{e:?}"));
+    let store = keyward_store::open(&config.store_url)
+        .await
+        .unwrap_or_else(|e| unreachable!("{e}"));
+    store
+        .migrate()
+        .await
+        .unwrap_or_else(|e| unreachable!("{e}"));
+    let state = AppState::new(config, store, Arc::new(SystemClock));
+    let master =
+        MasterKey::load(&state.config.server.data_dir).unwrap_or_else(|e| unreachable!("{e}"));
+    let tokens = TokenService::load(
+        &state.config.tokens,
+        None,
+        &*state.store,
+        Some(&master),
+        state.clock.now(),
+    )
+    .await
+    .unwrap_or_else(|e| unreachable!("{e}"));
+    let state = state.with_tokens(Arc::new(tokens));
+    let (admin, _) = keyward_server::bootstrap::ensure_bootstrapped(&state)
+        .await
+        .unwrap_or_else(|e| unreachable!("{e}"))
+        .unwrap_or_else(|| unreachable!("a fresh store bootstraps"));
+    let actor = Actor {
+        id: "cli".into(),
+        org_id: admin.org_id.clone(),
+        ip: None,
+    };
+    let input = CreateKeyInput {
+        scopes: Some(vec!["inference".into()]),
+        ..CreateKeyInput::default()
+    };
+    let (key, secret) = lifecycle::create_key(&state, &actor, input)
+        .await
+        .unwrap_or_else(|e| unreachable!("{e}"));
+    let token = state
+        .tokens
+        .as_ref()
+        .map(|t| t.issue_access(&key, state.clock.now()))
+        .and_then(Result::ok)
+        .unwrap_or_else(|| unreachable!("tokens are configured"));
+    Setup {
+        front: Front::new(state.clone()),
+        state,
+        secret: secret.expose_secret().to_owned(),
+        token,
+        _dir: dir,
+    }
+}
+
+fn requests(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| unreachable!("{e}"));
+    let s = rt.block_on(setup());
+    let client = ClientConn::new(
+        "127.0.0.1:40000".parse().unwrap_or_else(|_| unreachable!()),
+        &s.state,
+    );
+    let bearer = format!("Bearer {}", s.secret);
+    let request = || {
+        Request::get("/echo/hello?x=1")
+            .header(header::AUTHORIZATION, &bearer)
+            .body(Body::empty())
+            .unwrap_or_else(|e| unreachable!("{e}"))
+    };
+    let first = rt.block_on(s.front.handle(&client, request()));
+    assert_eq!(first.status(), 200);
+    c.bench_function(
+        "in-process request: front, key, limits, echo upstream",
+        |b| b.iter(|| black_box(rt.block_on(s.front.handle(&client, request())))),
+    );
+
+    let tokens = s.state.tokens.clone().unwrap_or_else(|| unreachable!());
+    let now = s.state.clock.now();
+    assert!(tokens.verify_access(&s.token, now).is_ok());
+    c.bench_function("access token (EdDSA) verification", |b| {
+        b.iter(|| black_box(tokens.verify_access(black_box(&s.token), now)))
+    });
+}
+
+criterion_group!(benches, requests);
+criterion_main!(benches);
