@@ -1,4 +1,5 @@
-//! keyward's storage: the [`Store`] trait every backend implements, and the SQLite backend.
+//! keyward's storage: the [`Store`] trait every backend implements, the embedded SQLite
+//! backend and the PostgreSQL one (several nodes on one database).
 //!
 //! Mutations that users can see take the [`AuditEntry`] that describes them and write both in
 //! one transaction, so the audit log never misses a change nor records one that failed.
@@ -11,8 +12,11 @@ use keyward_core::ids::{AuditId, KeyId, OrgId, ProjectId, UserId};
 use keyward_core::key::{ApiKey, KeyState, SecretValidity};
 use keyward_core::key_format::KeyHash;
 
+mod codec;
+mod postgres;
 mod sqlite;
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -325,9 +329,7 @@ pub async fn open(url: &str) -> StoreResult<Arc<dyn Store>> {
     if url.starts_with("sqlite:") {
         Ok(Arc::new(SqliteStore::open(url).await?))
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Err(StoreError::Unsupported(
-            "PostgreSQL support is not built yet; use sqlite://".into(),
-        ))
+        Ok(Arc::new(PgStore::open(url).await?))
     } else {
         Err(StoreError::Unsupported(
             "store.url must start with sqlite: or postgres://".into(),

@@ -5,17 +5,20 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ipnet::IpNet;
 use keyward_core::Timestamp;
-use keyward_core::ids::{AuditId, KeyId, OrgId, ProjectId, UserId};
+use keyward_core::ids::{AuditId, KeyId, OrgId, UserId};
 use keyward_core::key::{ApiKey, KeyState, SecretValidity};
-use keyward_core::key_format::{Environment, KeyHash};
+use keyward_core::key_format::KeyHash;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool, sqlite::SqliteRow};
+use sqlx::{Row, SqlitePool};
 
+use crate::codec::{
+    audit_from_row, ips_to_json, key_from_row, map_err, org_from_row, paginate, project_from_row,
+    signing_key_from_row, sql_count, to_json, ts, usage_from_row, user_from_row,
+};
 use crate::{
     AuditEntry, Bootstrap, KeyFilter, KeyLookup, Org, Page, PageRequest, Project, RevokeOutcome,
-    Role, Rotation, SigningKeyRecord, Store, StoreError, StoreResult, UsageCounts, UsageRow, User,
+    Role, Rotation, SigningKeyRecord, Store, StoreError, StoreResult, UsageRow, User,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -51,127 +54,6 @@ impl SqliteStore {
             .map_err(map_err)?;
         Ok(Self { pool })
     }
-}
-
-fn map_err(error: sqlx::Error) -> StoreError {
-    match error {
-        sqlx::Error::RowNotFound => StoreError::NotFound,
-        sqlx::Error::Database(db) if db.is_unique_violation() => {
-            StoreError::Conflict(db.message().to_owned())
-        }
-        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
-            StoreError::Corrupt(error.to_string())
-        }
-        other => StoreError::Unavailable(other.to_string()),
-    }
-}
-
-fn corrupt(what: &str) -> StoreError {
-    StoreError::Corrupt(what.to_owned())
-}
-
-fn to_json<T: serde::Serialize>(value: &T) -> StoreResult<String> {
-    serde_json::to_string(value).map_err(|e| StoreError::Corrupt(e.to_string()))
-}
-
-fn from_json<T: serde::de::DeserializeOwned>(column: &str, text: &str) -> StoreResult<T> {
-    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("{column}: {e}")))
-}
-
-fn ts(millis: Option<i64>) -> Option<Timestamp> {
-    millis.map(Timestamp::from_millis)
-}
-
-fn ips_to_json(ips: &[IpNet]) -> StoreResult<String> {
-    to_json(&ips.iter().map(ToString::to_string).collect::<Vec<_>>())
-}
-
-fn ips_from_json(column: &str, text: &str) -> StoreResult<Vec<IpNet>> {
-    let raw: Vec<String> = from_json(column, text)?;
-    raw.iter()
-        .map(|s| s.parse().map_err(|_| corrupt(column)))
-        .collect()
-}
-
-fn key_from_row(row: &SqliteRow) -> StoreResult<ApiKey> {
-    let get_s = |c: &str| row.try_get::<String, _>(c).map_err(map_err);
-    let get_i = |c: &str| row.try_get::<i64, _>(c).map_err(map_err);
-    let get_oi = |c: &str| row.try_get::<Option<i64>, _>(c).map_err(map_err);
-    let refill: Option<String> = row.try_get("refill").map_err(map_err)?;
-    Ok(ApiKey {
-        id: KeyId::from_trusted(get_s("id")?),
-        org_id: OrgId::from_trusted(get_s("org_id")?),
-        project_id: ProjectId::from_trusted(get_s("project_id")?),
-        name: get_s("name")?,
-        environment: Environment::parse(&get_s("environment")?)
-            .ok_or_else(|| corrupt("environment"))?,
-        hint: get_s("hint")?,
-        scopes: from_json("scopes", &get_s("scopes")?)?,
-        expires_at: ts(get_oi("expires_at")?),
-        allowed_ips: ips_from_json("allowed_ips", &get_s("allowed_ips")?)?,
-        blocked_ips: ips_from_json("blocked_ips", &get_s("blocked_ips")?)?,
-        endpoint: row.try_get("endpoint").map_err(map_err)?,
-        quota_requests: u32::try_from(get_i("quota_requests")?)
-            .map_err(|_| corrupt("quota_requests"))?,
-        quota_window: u32::try_from(get_i("quota_window")?).map_err(|_| corrupt("quota_window"))?,
-        remaining: get_oi("remaining")?,
-        refill: refill.map(|r| from_json("refill", &r)).transpose()?,
-        credits_version: get_i("credits_version")?,
-        meta: from_json("meta", &get_s("meta")?)?,
-        created_at: Timestamp::from_millis(get_i("created_at")?),
-        created_by: get_s("created_by")?,
-        last_used_at: ts(get_oi("last_used_at")?),
-        revoked_at: ts(get_oi("revoked_at")?),
-        previous_valid_until: ts(get_oi("previous_valid_until")?),
-    })
-}
-
-fn project_from_row(row: &SqliteRow) -> StoreResult<Project> {
-    Ok(Project {
-        id: ProjectId::from_trusted(row.try_get("id").map_err(map_err)?),
-        org_id: OrgId::from_trusted(row.try_get("org_id").map_err(map_err)?),
-        slug: row.try_get("slug").map_err(map_err)?,
-        name: row.try_get("name").map_err(map_err)?,
-        key_prefix: row.try_get("key_prefix").map_err(map_err)?,
-        created_at: Timestamp::from_millis(row.try_get("created_at").map_err(map_err)?),
-    })
-}
-
-fn org_from_row(row: &SqliteRow) -> StoreResult<Org> {
-    let default_project: Option<String> = row.try_get("default_project_id").map_err(map_err)?;
-    Ok(Org {
-        id: OrgId::from_trusted(row.try_get("id").map_err(map_err)?),
-        name: row.try_get("name").map_err(map_err)?,
-        tier: row.try_get("tier").map_err(map_err)?,
-        default_project_id: default_project.map(ProjectId::from_trusted),
-        created_at: Timestamp::from_millis(row.try_get("created_at").map_err(map_err)?),
-    })
-}
-
-fn audit_from_row(row: &SqliteRow) -> StoreResult<AuditEntry> {
-    let details: String = row.try_get("details").map_err(map_err)?;
-    Ok(AuditEntry {
-        id: AuditId::from_trusted(row.try_get("id").map_err(map_err)?),
-        org_id: OrgId::from_trusted(row.try_get("org_id").map_err(map_err)?),
-        actor: row.try_get("actor").map_err(map_err)?,
-        action: row.try_get("action").map_err(map_err)?,
-        target: row.try_get("target").map_err(map_err)?,
-        ip: row.try_get("ip").map_err(map_err)?,
-        details: from_json("details", &details)?,
-        created_at: Timestamp::from_millis(row.try_get("created_at").map_err(map_err)?),
-    })
-}
-
-/// Fetches `limit + 1` rows to learn whether another page follows.
-fn paginate<T>(mut items: Vec<T>, limit: u32, id_of: impl Fn(&T) -> String) -> Page<T> {
-    let limit = limit as usize;
-    let next_cursor = if items.len() > limit {
-        items.truncate(limit);
-        items.last().map(id_of)
-    } else {
-        None
-    };
-    Page { items, next_cursor }
 }
 
 const INSERT_AUDIT: &str = "INSERT INTO audit_log (id, org_id, actor, action, target, ip, details, created_at) \
@@ -287,14 +169,6 @@ where
     Ok(())
 }
 
-fn count(value: i64) -> u64 {
-    u64::try_from(value).unwrap_or(0)
-}
-
-fn sql_count(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
-}
-
 const SELECT_KEY: &str = "SELECT * FROM api_keys WHERE org_id = ? AND id = ?";
 
 #[async_trait]
@@ -387,12 +261,7 @@ impl Store for SqliteStore {
             .fetch_one(&self.pool)
             .await
             .map_err(map_err)?;
-        Ok(User {
-            id: UserId::from_trusted(row.try_get("id").map_err(map_err)?),
-            email: row.try_get("email").map_err(map_err)?,
-            password_hash: row.try_get("password_hash").map_err(map_err)?,
-            created_at: Timestamp::from_millis(row.try_get("created_at").map_err(map_err)?),
-        })
+        user_from_row(&row)
     }
 
     async fn create_project(&self, project: &Project, audit: &AuditEntry) -> StoreResult<()> {
@@ -792,21 +661,7 @@ impl Store for SqliteStore {
         .fetch_all(&self.pool)
         .await
         .map_err(map_err)?;
-        rows.iter()
-            .map(|row| {
-                let get = |c: &str| row.try_get::<i64, _>(c).map_err(map_err);
-                Ok(UsageRow {
-                    key_id: key.clone(),
-                    minute: Timestamp::from_millis(get("minute")?),
-                    counts: UsageCounts {
-                        allowed: count(get("allowed")?),
-                        unauthorized: count(get("unauthorized")?),
-                        forbidden: count(get("forbidden")?),
-                        rate_limited: count(get("rate_limited")?),
-                    },
-                })
-            })
-            .collect()
+        rows.iter().map(|row| usage_from_row(row, key)).collect()
     }
 
     async fn set_org_tier(&self, org: &OrgId, tier: &str, audit: &AuditEntry) -> StoreResult<()> {
@@ -855,18 +710,7 @@ impl Store for SqliteStore {
             .fetch_all(&self.pool)
             .await
             .map_err(map_err)?;
-        rows.iter()
-            .map(|row| {
-                Ok(SigningKeyRecord {
-                    kid: row.try_get("kid").map_err(map_err)?,
-                    algorithm: row.try_get("algorithm").map_err(map_err)?,
-                    public_key: row.try_get("public_key").map_err(map_err)?,
-                    private_key: row.try_get("private_key").map_err(map_err)?,
-                    created_at: Timestamp::from_millis(row.try_get("created_at").map_err(map_err)?),
-                    retired_at: ts(row.try_get("retired_at").map_err(map_err)?),
-                })
-            })
-            .collect()
+        rows.iter().map(signing_key_from_row).collect()
     }
 
     async fn add_signing_key(&self, record: &SigningKeyRecord) -> StoreResult<()> {

@@ -7,10 +7,12 @@
 )]
 
 mod contract;
+mod pg;
+mod postgres;
 
 use std::sync::Arc;
 
-use keyward_store::{SqliteStore, Store};
+use keyward_store::{PgStore, SqliteStore, Store};
 
 async fn sqlite() -> (tempfile::TempDir, Arc<dyn Store>) {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
@@ -25,7 +27,20 @@ async fn sqlite() -> (tempfile::TempDir, Arc<dyn Store>) {
     (dir, Arc::new(store))
 }
 
-macro_rules! sqlite_contract {
+/// A migrated store on a fresh database; the database is dropped by the caller.
+async fn postgres() -> (pg::PgDatabase, Arc<dyn Store>) {
+    let db = pg::PgDatabase::create().await;
+    let store = PgStore::open(&db.url)
+        .await
+        .unwrap_or_else(|e| panic!("open: {e}"));
+    store
+        .migrate()
+        .await
+        .unwrap_or_else(|e| panic!("migrate: {e}"));
+    (db, Arc::new(store))
+}
+
+macro_rules! store_contract {
     ($($name:ident),* $(,)?) => {
         mod sqlite_backend {
             $(
@@ -36,10 +51,21 @@ macro_rules! sqlite_contract {
                 }
             )*
         }
+
+        mod postgres_backend {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let (db, store) = super::postgres().await;
+                    super::contract::$name(store).await;
+                    db.drop().await;
+                }
+            )*
+        }
     };
 }
 
-sqlite_contract!(
+store_contract!(
     bootstrap_happens_once,
     key_lifecycle,
     rotation_keeps_at_most_two_live_secrets,

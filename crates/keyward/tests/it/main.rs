@@ -1,5 +1,5 @@
 //! End-to-end tests: the real `keyward` binary on an ephemeral port with a temporary SQLite
-//! file, spoken to over HTTP.
+//! file (or a fresh PostgreSQL database), spoken to over HTTP.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -13,6 +13,10 @@ mod gateway;
 mod harness;
 mod lifecycle;
 mod limits;
+// The store tests' fresh-database helper, shared rather than copied.
+#[path = "../../../keyward-store/tests/it/pg.rs"]
+mod pg;
+mod postgres;
 mod redis;
 mod secrets;
 mod serve;

@@ -1,0 +1,213 @@
+//! What both backends share: error mapping, JSON columns, and turning rows into domain values.
+//! The two schemas have the same tables and columns, so one decoder per type serves both; only
+//! the SQL text and the placeholders differ between `sqlite.rs` and `postgres.rs`.
+
+use ipnet::IpNet;
+use keyward_core::Timestamp;
+use keyward_core::ids::{AuditId, KeyId, OrgId, ProjectId, UserId};
+use keyward_core::key::ApiKey;
+use keyward_core::key_format::Environment;
+use sqlx::Row;
+
+use crate::{
+    AuditEntry, Org, Page, Project, SigningKeyRecord, StoreError, StoreResult, UsageCounts,
+    UsageRow, User,
+};
+
+pub(crate) fn map_err(error: sqlx::Error) -> StoreError {
+    match error {
+        sqlx::Error::RowNotFound => StoreError::NotFound,
+        sqlx::Error::Database(db) if db.is_unique_violation() => {
+            StoreError::Conflict(db.message().to_owned())
+        }
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
+            StoreError::Corrupt(error.to_string())
+        }
+        other => StoreError::Unavailable(other.to_string()),
+    }
+}
+
+pub(crate) fn corrupt(what: &str) -> StoreError {
+    StoreError::Corrupt(what.to_owned())
+}
+
+pub(crate) fn to_json<T: serde::Serialize>(value: &T) -> StoreResult<String> {
+    serde_json::to_string(value).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(column: &str, text: &str) -> StoreResult<T> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("{column}: {e}")))
+}
+
+pub(crate) fn ts(millis: Option<i64>) -> Option<Timestamp> {
+    millis.map(Timestamp::from_millis)
+}
+
+pub(crate) fn ips_to_json(ips: &[IpNet]) -> StoreResult<String> {
+    to_json(&ips.iter().map(ToString::to_string).collect::<Vec<_>>())
+}
+
+fn ips_from_json(column: &str, text: &str) -> StoreResult<Vec<IpNet>> {
+    let raw: Vec<String> = from_json(column, text)?;
+    raw.iter()
+        .map(|s| s.parse().map_err(|_| corrupt(column)))
+        .collect()
+}
+
+/// A counter read back from storage (never negative there).
+fn count(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+/// A counter as storage holds it (signed 64-bit).
+pub(crate) fn sql_count(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// Fetches `limit + 1` rows to learn whether another page follows.
+pub(crate) fn paginate<T>(mut items: Vec<T>, limit: u32, id_of: impl Fn(&T) -> String) -> Page<T> {
+    let limit = limit as usize;
+    let next_cursor = if items.len() > limit {
+        items.truncate(limit);
+        items.last().map(id_of)
+    } else {
+        None
+    };
+    Page { items, next_cursor }
+}
+
+/// The column types the schemas use, read from a row of either backend.
+pub(crate) trait Columns {
+    fn text(&self, column: &str) -> StoreResult<String>;
+    fn opt_text(&self, column: &str) -> StoreResult<Option<String>>;
+    fn int(&self, column: &str) -> StoreResult<i64>;
+    fn opt_int(&self, column: &str) -> StoreResult<Option<i64>>;
+    fn bytes(&self, column: &str) -> StoreResult<Vec<u8>>;
+}
+
+macro_rules! impl_columns {
+    ($row:ty) => {
+        impl Columns for $row {
+            fn text(&self, column: &str) -> StoreResult<String> {
+                self.try_get(column).map_err(map_err)
+            }
+            fn opt_text(&self, column: &str) -> StoreResult<Option<String>> {
+                self.try_get(column).map_err(map_err)
+            }
+            fn int(&self, column: &str) -> StoreResult<i64> {
+                self.try_get(column).map_err(map_err)
+            }
+            fn opt_int(&self, column: &str) -> StoreResult<Option<i64>> {
+                self.try_get(column).map_err(map_err)
+            }
+            fn bytes(&self, column: &str) -> StoreResult<Vec<u8>> {
+                self.try_get(column).map_err(map_err)
+            }
+        }
+    };
+}
+
+impl_columns!(sqlx::sqlite::SqliteRow);
+impl_columns!(sqlx::postgres::PgRow);
+
+pub(crate) fn key_from_row(row: &impl Columns) -> StoreResult<ApiKey> {
+    Ok(ApiKey {
+        id: KeyId::from_trusted(row.text("id")?),
+        org_id: OrgId::from_trusted(row.text("org_id")?),
+        project_id: ProjectId::from_trusted(row.text("project_id")?),
+        name: row.text("name")?,
+        environment: Environment::parse(&row.text("environment")?)
+            .ok_or_else(|| corrupt("environment"))?,
+        hint: row.text("hint")?,
+        scopes: from_json("scopes", &row.text("scopes")?)?,
+        expires_at: ts(row.opt_int("expires_at")?),
+        allowed_ips: ips_from_json("allowed_ips", &row.text("allowed_ips")?)?,
+        blocked_ips: ips_from_json("blocked_ips", &row.text("blocked_ips")?)?,
+        endpoint: row.opt_text("endpoint")?,
+        quota_requests: u32::try_from(row.int("quota_requests")?)
+            .map_err(|_| corrupt("quota_requests"))?,
+        quota_window: u32::try_from(row.int("quota_window")?)
+            .map_err(|_| corrupt("quota_window"))?,
+        remaining: row.opt_int("remaining")?,
+        refill: row
+            .opt_text("refill")?
+            .map(|r| from_json("refill", &r))
+            .transpose()?,
+        credits_version: row.int("credits_version")?,
+        meta: from_json("meta", &row.text("meta")?)?,
+        created_at: Timestamp::from_millis(row.int("created_at")?),
+        created_by: row.text("created_by")?,
+        last_used_at: ts(row.opt_int("last_used_at")?),
+        revoked_at: ts(row.opt_int("revoked_at")?),
+        previous_valid_until: ts(row.opt_int("previous_valid_until")?),
+    })
+}
+
+pub(crate) fn project_from_row(row: &impl Columns) -> StoreResult<Project> {
+    Ok(Project {
+        id: ProjectId::from_trusted(row.text("id")?),
+        org_id: OrgId::from_trusted(row.text("org_id")?),
+        slug: row.text("slug")?,
+        name: row.text("name")?,
+        key_prefix: row.text("key_prefix")?,
+        created_at: Timestamp::from_millis(row.int("created_at")?),
+    })
+}
+
+pub(crate) fn org_from_row(row: &impl Columns) -> StoreResult<Org> {
+    Ok(Org {
+        id: OrgId::from_trusted(row.text("id")?),
+        name: row.text("name")?,
+        tier: row.text("tier")?,
+        default_project_id: row
+            .opt_text("default_project_id")?
+            .map(ProjectId::from_trusted),
+        created_at: Timestamp::from_millis(row.int("created_at")?),
+    })
+}
+
+pub(crate) fn user_from_row(row: &impl Columns) -> StoreResult<User> {
+    Ok(User {
+        id: UserId::from_trusted(row.text("id")?),
+        email: row.text("email")?,
+        password_hash: row.opt_text("password_hash")?,
+        created_at: Timestamp::from_millis(row.int("created_at")?),
+    })
+}
+
+pub(crate) fn audit_from_row(row: &impl Columns) -> StoreResult<AuditEntry> {
+    Ok(AuditEntry {
+        id: AuditId::from_trusted(row.text("id")?),
+        org_id: OrgId::from_trusted(row.text("org_id")?),
+        actor: row.text("actor")?,
+        action: row.text("action")?,
+        target: row.opt_text("target")?,
+        ip: row.opt_text("ip")?,
+        details: from_json("details", &row.text("details")?)?,
+        created_at: Timestamp::from_millis(row.int("created_at")?),
+    })
+}
+
+pub(crate) fn signing_key_from_row(row: &impl Columns) -> StoreResult<SigningKeyRecord> {
+    Ok(SigningKeyRecord {
+        kid: row.text("kid")?,
+        algorithm: row.text("algorithm")?,
+        public_key: row.bytes("public_key")?,
+        private_key: row.bytes("private_key")?,
+        created_at: Timestamp::from_millis(row.int("created_at")?),
+        retired_at: ts(row.opt_int("retired_at")?),
+    })
+}
+
+pub(crate) fn usage_from_row(row: &impl Columns, key: &KeyId) -> StoreResult<UsageRow> {
+    Ok(UsageRow {
+        key_id: key.clone(),
+        minute: Timestamp::from_millis(row.int("minute")?),
+        counts: UsageCounts {
+            allowed: count(row.int("allowed")?),
+            unauthorized: count(row.int("unauthorized")?),
+            forbidden: count(row.int("forbidden")?),
+            rate_limited: count(row.int("rate_limited")?),
+        },
+    })
+}
