@@ -6,8 +6,10 @@
 #   d. HAProxy doing the same (map, stick-table, http-request return)
 #   e. keyward forward-auth GET /v1/auth (compare with a: nginx's static return 200)
 #   f. keyward proxy mode with the Redis rate-limit backend
+#   g. keyward proxy mode on PostgreSQL storage (memory limits)
 # Usage: bench/run.sh   (DURATION=10s ROUNDS=3 CONNECTIONS=64 THREADS=2 to change)
-# Installs wrk, nginx, haproxy and redis-server from Debian when missing. Loopback only;
+# Installs wrk, nginx, haproxy and redis-server from Debian when missing, and starts PostgreSQL
+# (scripts/pg-up). Loopback only;
 # every process it starts is stopped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,7 +41,7 @@ sed "s#__RUN__#$RUN#g" bench/nginx-upstream.conf > "$RUN/upstream.conf"
 nginx -c "$RUN/upstream.conf" -p "$RUN" & pids+=($!)
 wait_port 19000
 
-keyward_config() { # listen internal [redis-url]
+keyward_config() { # listen internal [redis-url] [store-url]
   local backend=memory
   [ -n "${3:-}" ] && backend=redis
   cat <<CFG
@@ -48,7 +50,7 @@ listen = "127.0.0.1:$1"
 internal_listen = "127.0.0.1:$2"
 data_dir = "$RUN/kw-data"
 [store]
-url = "sqlite://$RUN/kw/keyward.db"
+url = "${4:-sqlite://$RUN/kw/keyward.db}"
 [ratelimit]
 backend = "$backend"
 ${3:+url = \"$3\"}
@@ -81,7 +83,16 @@ haproxy -f "$RUN/haproxy.cfg" -db > "$RUN/haproxy.log" 2>&1 & pids+=($!)
 redis-server --port 19005 --bind 127.0.0.1 --save "" --appendonly no > /dev/null & pids+=($!)
 keyward_config 19004 19014 redis://127.0.0.1:19005/ > "$RUN/kw-redis/keyward.toml"
 (cd "$RUN/kw-redis" && exec "$BIN" serve > out.log 2> err.log) & pids+=($!)
-wait_port 19002; wait_port 19003; wait_port 19004
+PG_URL=$(scripts/pg-up)
+PG_DB=kw_bench_$$
+psql "$PG_URL" -qAtX -c "CREATE DATABASE $PG_DB" > /dev/null
+trap 'cleanup; psql "$PG_URL" -qAtX -c "DROP DATABASE IF EXISTS $PG_DB WITH (FORCE)" > /dev/null 2>&1 || true' EXIT
+mkdir -p "$RUN/kw-pg"
+keyward_config 19006 19016 "" "${PG_URL%/*}/$PG_DB" > "$RUN/kw-pg/keyward.toml"
+(cd "$RUN/kw-pg" && exec "$BIN" serve > out.log 2> err.log) & pids+=($!)
+wait_port 19002; wait_port 19003; wait_port 19004; wait_port 19006
+PG_ADMIN=$(grep -E '^kw_' "$RUN/kw-pg/err.log")
+python3 bench/make_keys.py 127.0.0.1:19006 "$PG_ADMIN" "$NKEYS" "$RUN/keys-pg.txt"
 
 declare -A URL=(
   [a]="http://127.0.0.1:19000/"
@@ -90,6 +101,7 @@ declare -A URL=(
   [d]="http://127.0.0.1:19003/x"
   [e]="http://127.0.0.1:19001/v1/auth"
   [f]="http://127.0.0.1:19004/bench/x"
+  [g]="http://127.0.0.1:19006/bench/x"
 )
 declare -A NAME=(
   [a]="upstream alone (nginx return 200, 1 worker)"
@@ -98,21 +110,25 @@ declare -A NAME=(
   [d]="HAProxy key-auth (map, stick-table)"
   [e]="keyward forward-auth GET /v1/auth"
   [f]="keyward proxy, redis limits"
+  [g]="keyward proxy, PostgreSQL store"
 )
 
 # Every scenario must authenticate for real before it is measured.
 key=$(head -1 "$RUN/keys.txt")
-for s in b c d f; do
-  ok=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $key" "${URL[$s]}")
+for s in b c d f g; do
+  k=$key
+  [ "$s" = g ] && k=$(head -1 "$RUN/keys-pg.txt")
+  ok=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $k" "${URL[$s]}")
   bad=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer kw_live_nope" "${URL[$s]}")
   [ "$ok" = 200 ] && [ "$bad" = 401 ] || { echo "scenario $s: valid key → $ok, bad key → $bad" >&2; exit 1; }
 done
 
 measure() { # scenario → "rps p50_ms p99_ms"
-  local extra=""
+  local extra="" keys="$RUN/keys.txt"
   [ "$1" = e ] && extra="X-Forwarded-Uri: /bench/x"
-  KEYS_FILE="$RUN/keys.txt" EXTRA_HEADER="$extra" wrk -t"$THREADS" -c"$CONNECTIONS" -d2s -s bench/keys.lua "${URL[$1]}" > /dev/null
-  KEYS_FILE="$RUN/keys.txt" EXTRA_HEADER="$extra" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -s bench/keys.lua "${URL[$1]}" |
+  [ "$1" = g ] && keys="$RUN/keys-pg.txt"
+  KEYS_FILE="$keys" EXTRA_HEADER="$extra" wrk -t"$THREADS" -c"$CONNECTIONS" -d2s -s bench/keys.lua "${URL[$1]}" > /dev/null
+  KEYS_FILE="$keys" EXTRA_HEADER="$extra" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -s bench/keys.lua "${URL[$1]}" |
     awk '
       function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
       /^ +50%/ { p50 = ms($2) } /^ +99%/ { p99 = ms($2) } /^Requests\/sec/ { rps = $2 }
@@ -121,7 +137,7 @@ measure() { # scenario → "rps p50_ms p99_ms"
 
 declare -A RESULTS
 for round in $(seq 1 "$ROUNDS"); do
-  for s in a b c d e f; do
+  for s in a b c d e f g; do
     r=$(measure $s)
     RESULTS[$s]+="$r;"
     echo "round $round $s: $r" >&2
@@ -135,7 +151,7 @@ echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency, 2 s warm-up, $ROUNDS 
 echo
 echo "| scenario | req/s | p50 ms | p99 ms | × nginx key-auth | non-2xx |"
 echo "|---|---|---|---|---|---|"
-for s in a b c d e f; do
+for s in a b c d e f g; do
   rps=$(echo "${RESULTS[$s]}" | median 1)
   p50=$(echo "${RESULTS[$s]}" | median 2)
   p99=$(echo "${RESULTS[$s]}" | median 3)

@@ -38,7 +38,7 @@ pub fn extract_credential<'h>(headers: &'h HeaderMap, auth: &AuthConfig) -> ApiR
         }
     }
     for name in &auth.key_headers {
-        for value in headers.get_all(name.as_str()) {
+        for value in headers.get_all(name) {
             merge(&mut found, trim_spaces(value.as_bytes()))?;
         }
     }
@@ -376,7 +376,7 @@ mod tests {
     fn auth() -> AuthConfig {
         AuthConfig {
             bearer: true,
-            key_headers: vec!["x-api-key".into()],
+            key_headers: vec![axum::http::HeaderName::from_static("x-api-key")],
             hide_credentials: true,
             proxy_jwt_secret: None,
         }

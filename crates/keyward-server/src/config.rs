@@ -160,7 +160,8 @@ pub struct AuthConfig {
     /// Accept `Authorization: Bearer <key>`.
     pub bearer: bool,
     /// Headers that carry the bare key (lower case), e.g. `x-api-key`.
-    pub key_headers: Vec<String>,
+    /// Parsed once: the hot path looks them up per request.
+    pub key_headers: Vec<axum::http::HeaderName>,
     /// Remove the credential before proxying.
     pub hide_credentials: bool,
     /// HS256 secret of proxy-auth JWTs from a trusted frontend (internal listener only).
@@ -649,14 +650,17 @@ fn build(figment: &Figment) -> Result<Config, ConfigErrors> {
     let bearer = r.get("auth.bearer", true);
     let key_headers: Vec<String> = r.get("auth.key_headers", vec!["x-api-key".to_owned()]);
     let key_headers: Vec<String> = key_headers.iter().map(|h| h.to_ascii_lowercase()).collect();
+    let mut key_header_names = Vec::with_capacity(key_headers.len());
     for (i, h) in key_headers.iter().enumerate() {
-        if axum::http::HeaderName::from_bytes(h.as_bytes()).is_err() || h == "authorization" {
-            r.fail(
+        match axum::http::HeaderName::from_bytes(h.as_bytes()) {
+            Ok(name) if name != axum::http::header::AUTHORIZATION => key_header_names.push(name),
+            _ => r.fail(
                 &format!("auth.key_headers[{i}]"),
                 "must be a header name other than authorization",
-            );
+            ),
         }
     }
+    let key_headers = key_header_names;
     if !bearer && key_headers.is_empty() {
         r.fail(
             "auth.key_headers",

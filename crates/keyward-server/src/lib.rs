@@ -52,14 +52,7 @@ fn cors(state: &AppState) -> CorsLayer {
         )
     };
     let mut allow_headers = vec![header::AUTHORIZATION, header::CONTENT_TYPE];
-    allow_headers.extend(
-        state
-            .config
-            .auth
-            .key_headers
-            .iter()
-            .filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok()),
-    );
+    allow_headers.extend(state.config.auth.key_headers.iter().cloned());
     CorsLayer::new()
         .allow_origin(allow_origin)
         .allow_methods([

@@ -87,12 +87,12 @@ impl LimitReport {
         let Some((policy, v)) = self.binding() else {
             return h;
         };
-        h.insert("x-ratelimit-limit", HeaderValue::from(v.limit));
-        h.insert("x-ratelimit-remaining", HeaderValue::from(v.remaining));
-        h.insert(
-            "x-ratelimit-reset",
-            HeaderValue::from(ceil_secs(v.reset_ms)),
-        );
+        const LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+        const REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+        const RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+        h.insert(LIMIT, HeaderValue::from(v.limit));
+        h.insert(REMAINING, HeaderValue::from(v.remaining));
+        h.insert(RESET, HeaderValue::from(ceil_secs(v.reset_ms)));
         if draft {
             let policies = self
                 .verdicts

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, Method, Uri};
+use axum::http::{HeaderName, HeaderValue, Method, Uri};
 use axum::middleware::Next;
 use axum::response::Response;
 use keyward_core::ids::RequestId;
@@ -22,6 +22,7 @@ use crate::error::{ApiError, code_for_status};
 use crate::state::AppState;
 
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
+pub const REQUEST_ID: HeaderName = HeaderName::from_static(REQUEST_ID_HEADER);
 const OWN_ROUTE: &str = "keyward";
 
 /// Marks a response whose error status is someone else's (an upstream's) and must pass as is.
@@ -71,7 +72,7 @@ impl RequestContext {
             }
         }
         if let Ok(value) = HeaderValue::from_str(self.request_id.as_str()) {
-            response.headers_mut().insert(REQUEST_ID_HEADER, value);
+            response.headers_mut().insert(REQUEST_ID, value);
         }
         let status = response.status().as_u16();
         let elapsed = self.started.elapsed();

@@ -23,7 +23,7 @@ use serde_json::json;
 
 use crate::auth::{Principal, is_bearer};
 use crate::error::ApiError;
-use crate::middleware::{Passthrough, REQUEST_ID_HEADER};
+use crate::middleware::{Passthrough, REQUEST_ID};
 use crate::routes::{Route, Upstream};
 use crate::state::AppState;
 
@@ -33,6 +33,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const ECHO_BODY_LIMIT: usize = 1024 * 1024;
 
 pub const IDENTITY_PREFIX: &str = "x-keyward-";
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 thread_local! {
     static CLIENT: Client<HttpConnector, Body> = {
@@ -202,7 +204,7 @@ fn prepare_headers(state: &AppState, f: &Forward<'_>, headers: &mut HeaderMap) {
     strip_identity(headers);
     if state.config.auth.hide_credentials {
         for name in &state.config.auth.key_headers {
-            headers.remove(name.as_str());
+            headers.remove(name);
         }
         if headers.get(header::AUTHORIZATION).is_some_and(is_bearer) {
             headers.remove(header::AUTHORIZATION);
@@ -228,8 +230,7 @@ fn prepare_headers(state: &AppState, f: &Forward<'_>, headers: &mut HeaderMap) {
             }
         }
     }
-    let forwarded_for = HeaderName::from_static("x-forwarded-for");
-    let chain = match headers.get(&forwarded_for).and_then(|v| v.to_str().ok()) {
+    let chain = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(existing) if f.client.peer_trusted => {
             HeaderValue::from_str(&format!("{existing}, {}", f.client.peer_ip)).ok()
         }
@@ -237,16 +238,13 @@ fn prepare_headers(state: &AppState, f: &Forward<'_>, headers: &mut HeaderMap) {
         _ => f.client.forwarded_for.clone(),
     };
     if let Some(value) = chain {
-        headers.insert(forwarded_for, value);
+        headers.insert(X_FORWARDED_FOR, value);
     }
-    headers.insert(
-        HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static("http"),
-    );
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     if let Some(id) = f.request_id
         && let Ok(value) = HeaderValue::from_str(id.as_str())
     {
-        headers.insert(REQUEST_ID_HEADER, value);
+        headers.insert(REQUEST_ID, value);
     }
 }
 
