@@ -49,6 +49,9 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// Pin each worker runtime to one core.
     pub pin_workers: bool,
+    /// A client that has not sent a request's headers this long after the connection opened
+    /// or its previous request ended is disconnected (slow or idle clients hold no sockets).
+    pub header_read_timeout: std::time::Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -358,6 +361,7 @@ const KNOWN_KEYS: &[&str] = &[
     "server.workers",
     "server.data_dir",
     "server.pin_workers",
+    "server.header_read_timeout",
     "tokens.ttl_seconds",
     "tokens.algorithm",
     "tokens.hs256_secret",
@@ -521,6 +525,13 @@ fn build(figment: &Figment) -> Result<Config, ConfigErrors> {
     let pin_workers: bool = r.get("server.pin_workers", true);
     if workers > 256 {
         r.fail("server.workers", "at most 256");
+    }
+    let header_read_timeout: u64 = r.get("server.header_read_timeout", 30);
+    if !(1..=3600).contains(&header_read_timeout) {
+        r.fail(
+            "server.header_read_timeout",
+            "must be between 1 and 3600 (seconds)",
+        );
     }
 
     let store_url: String = r.get("store.url", "sqlite://keyward-data/keyward.db".to_owned());
@@ -756,6 +767,7 @@ fn build(figment: &Figment) -> Result<Config, ConfigErrors> {
             workers,
             data_dir,
             pin_workers,
+            header_read_timeout: std::time::Duration::from_secs(header_read_timeout),
         },
         store_url,
         keys: KeysConfig {

@@ -15,7 +15,7 @@ use axum::extract::ConnectInfo;
 use axum::http::{Method, Request, header};
 use axum::response::{IntoResponse, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
@@ -115,7 +115,12 @@ pub async fn serve(
     front: Arc<Front>,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(front.state.config.server.header_read_timeout);
+    let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -131,6 +136,7 @@ pub async fn serve(
             _ = stop.wait_for(|stop| *stop) => break,
         };
         let _ = stream.set_nodelay(true);
+        let first_bytes = front.state.config.server.header_read_timeout;
         let front = front.clone();
         let client = Arc::new(ClientConn::new(peer, &front.state));
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -138,12 +144,22 @@ pub async fn serve(
             let client = client.clone();
             async move { Ok::<_, Infallible>(front.handle(&client, req).await) }
         });
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
+            // Telling HTTP/1 from HTTP/2 waits for the first bytes with no timer of its own; the
+            // header read timeout (slow headers, idle keep-alive) starts after it.
+            let mut first = [0u8; 1];
+            if !matches!(
+                tokio::time::timeout(first_bytes, stream.peek(&mut first)).await,
+                Ok(Ok(1))
+            ) {
+                return;
+            }
+            let connection = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .into_owned();
+            if let Err(e) = watcher.watch(connection).await {
                 tracing::debug!(error = %e, "client connection ended with an error");
             }
         });

@@ -122,11 +122,16 @@ pub fn run(config: Config) -> Result<(), BoxError> {
         state = state.with_tokens(Arc::new(tokens));
         master_key = Some(master);
         if let Some((key, secret)) = bootstrap::ensure_bootstrapped(&state).await? {
-            // Printed, never logged: the one time this secret leaves the process.
-            eprintln!(
-                "\nkeyward: first start — created the default organisation and project, and a management key ({}).\nStore it now; it is shown only this once:\n{}\n",
+            // Printed, never logged: the one time this secret leaves the process. One write, so
+            // a reader of the pipe never sees half of it.
+            let notice = secrecy::SecretString::from(format!(
+                "\nkeyward: first start — created the default organisation and project, and a management key ({}).\nStore it now; it is shown only this once:\n{}\n\n",
                 key.id,
                 secret.expose_secret()
+            ));
+            let _ = std::io::Write::write_all(
+                &mut std::io::stderr().lock(),
+                notice.expose_secret().as_bytes(),
             );
         }
         Ok::<_, BoxError>(state)

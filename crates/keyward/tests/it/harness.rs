@@ -125,6 +125,9 @@ impl TestServer {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        // A fresh store prints its management key on stderr before keyward logs that it
+        // listens on stdout; the two pipes are read by separate threads, so wait for it.
+        let fresh_store = !dir.path().join("keyward.db").exists();
         let mut child = cmd.spawn().expect("spawn keyward");
         let stdout = Arc::new(Mutex::new(String::new()));
         let stderr = Arc::new(Mutex::new(String::new()));
@@ -153,13 +156,20 @@ impl TestServer {
             assert!(Instant::now() < deadline, "keyward did not start");
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        let mgmt_key = stderr
-            .lock()
-            .unwrap()
-            .lines()
-            .find(|l| l.starts_with("kw_"))
-            .unwrap_or_default()
-            .to_owned();
+        let find_key = || {
+            stderr
+                .lock()
+                .unwrap()
+                .lines()
+                .find(|l| l.starts_with("kw_"))
+                .map(str::to_owned)
+        };
+        // Bounded: a fresh SQLite file on a store bootstrapped elsewhere (PostgreSQL) has none.
+        let key_deadline = Instant::now() + Duration::from_secs(5);
+        while fresh_store && find_key().is_none() && Instant::now() < key_deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mgmt_key = find_key().unwrap_or_default();
         Self {
             child,
             base,

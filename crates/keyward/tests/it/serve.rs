@@ -64,3 +64,54 @@ async fn sigterm_drains_and_exits_cleanly() {
     assert!(status.success(), "{status}");
     assert!(s.stdout().contains("keyward stopped"));
 }
+
+/// Slow or idle clients do not keep sockets: a connection that has not delivered a request's
+/// headers within `server.header_read_timeout` is closed, whether it sent part of them,
+/// nothing at all, or went quiet after a request.
+#[tokio::test]
+async fn slow_and_idle_clients_are_disconnected_after_the_header_read_timeout() {
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let s = TestServer::start_with_config("[server]\nheader_read_timeout = 1\n", &[]).await;
+    let addr = s.base.trim_start_matches("http://").to_owned();
+    // Reads until the server closes; returns what it sent and how long that took.
+    async fn until_closed(stream: &mut tokio::net::TcpStream, what: &str) -> (String, Duration) {
+        let started = Instant::now();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(n)) => seen.extend_from_slice(&buf[..n]),
+                Err(_) => panic!("{what}: still open after 10 s"),
+            }
+        }
+        (
+            String::from_utf8_lossy(&seen).into_owned(),
+            started.elapsed(),
+        )
+    }
+
+    let mut partial = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    partial
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let (_, took) = until_closed(&mut partial, "partial headers").await;
+    assert!(took < Duration::from_secs(5), "closed after {took:?}");
+
+    let mut silent = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let (sent, took) = until_closed(&mut silent, "nothing sent").await;
+    assert!(sent.is_empty());
+    assert!(took < Duration::from_secs(5), "closed after {took:?}");
+
+    // A whole request is answered; then the idle keep-alive connection is closed.
+    let mut kept = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    kept.write_all(b"GET /v1/org HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (sent, took) = until_closed(&mut kept, "idle after a request").await;
+    assert!(sent.starts_with("HTTP/1.1 401"), "{sent}");
+    assert!(took < Duration::from_secs(5), "closed after {took:?}");
+}
