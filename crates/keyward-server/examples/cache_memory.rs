@@ -1,5 +1,9 @@
-//! Memory per cached key: RSS of a key cache holding N keys against an empty one.
+//! Memory per cached key: RSS of a key cache holding N keys against an empty one, with the
+//! allocator `keyward serve` uses (mimalloc).
 //! `cargo run --release -p keyward-server --example cache_memory -- 1000000`
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::sync::Arc;
 

@@ -44,13 +44,9 @@ for i = 1, n do
       retry = math.max(tonumber(e[2]) + window - now, 0)
     end
   end
+  -- A refused limit resets when the request fits; an allowed one's reset is only reported
+  -- for the binding limit and computed below for that one alone.
   local reset = 0
-  local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
-  if oldest[2] then
-    reset = math.max(tonumber(oldest[2]) + window - now, 0)
-  elseif ok and cost > 0 then
-    reset = window
-  end
   if retry >= 0 then reset = retry end
   table.insert(out, ok and 1 or 0)
   table.insert(out, remaining)
@@ -82,6 +78,23 @@ if tonumber(ARGV[c]) == 1 then
     end
   end
   out[2] = r
+end
+if all_ok and n > 0 then
+  -- The binding limit, as keyward_core::ratelimit::binding picks it when nothing is refused:
+  -- fewest units left, then the smallest limit, the first on ties.
+  local b = 1
+  for i = 2, n do
+    local rem, lim = out[4 * i + 1], tonumber(ARGV[2 + 2 * i])
+    local brem, blim = out[4 * b + 1], tonumber(ARGV[2 + 2 * b])
+    if rem < brem or (rem == brem and lim < blim) then b = i end
+  end
+  local window = tonumber(ARGV[3 + 2 * b])
+  local oldest = redis.call('ZRANGE', KEYS[b], 0, 0, 'WITHSCORES')
+  if oldest[2] then
+    out[4 * b + 2] = math.max(tonumber(oldest[2]) + window - now, 0)
+  elseif cost > 0 then
+    out[4 * b + 2] = window
+  end
 end
 if status == 0 then
   for i = 1, n do

@@ -153,6 +153,34 @@ async fn two_nodes_share_one_exact_limit() {
     }
 }
 
+/// The headers on the Redis backend say what they say on the memory backend: the binding
+/// limit's size, what is left, when it frees up, and an exact Retry-After once refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_headers_report_the_binding_limit() {
+    let redis = RedisServer::start().await;
+    let s = TestServer::start_with_config(&config(&redis, "deny"), &[]).await;
+    let (_, key) = s
+        .create_key(json!({"quota_requests": 3, "quota_window": 60}))
+        .await;
+    let secs =
+        |r: &crate::harness::Reply, name: &str| -> u64 { r.header(name).unwrap().parse().unwrap() };
+    for left in [2, 1, 0] {
+        let r = s.call(Method::GET, "/echo/x", Some(&key), None).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        // The key's quota binds (the tier allows 100,000).
+        assert_eq!(r.header("x-ratelimit-limit"), Some("3"));
+        assert_eq!(secs(&r, "x-ratelimit-remaining"), left);
+        let reset = secs(&r, "x-ratelimit-reset");
+        assert!((58..=60).contains(&reset), "reset {reset}");
+    }
+    let r = s.call(Method::GET, "/echo/x", Some(&key), None).await;
+    r.assert_error(429, "rate_limit_exceeded");
+    assert_eq!(secs(&r, "x-ratelimit-remaining"), 0);
+    let retry = secs(&r, "retry-after");
+    assert!((58..=60).contains(&retry), "retry-after {retry}");
+    assert_eq!(secs(&r, "x-ratelimit-reset"), retry);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credits_are_shared_across_nodes() {
     let redis = RedisServer::start().await;
