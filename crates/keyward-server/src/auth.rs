@@ -259,8 +259,10 @@ async fn verify_jwt(
     let tokens = state.tokens.as_ref().ok_or_else(invalid)?;
     let token = std::str::from_utf8(token).map_err(|_| invalid())?;
     let now = state.clock.now();
-    let (key_id, claims) = tokens.verify_access(token, now)?;
-    let Some(secret) = cache::resolve_id(&state.keys, &*state.store, &key_id).await? else {
+    let verified = tokens.verify_access(token, now)?;
+    let claims = &verified.claims;
+    let Some(secret) = cache::resolve_id(&state.keys, &*state.store, &verified.key_id).await?
+    else {
         return Err(invalid());
     };
     let access = Access {

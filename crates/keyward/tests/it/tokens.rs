@@ -286,6 +286,19 @@ async fn hs256_mode_and_expired_tokens() {
             .status,
         200
     );
+    // A token that verified is remembered (no second signature check), but not past its
+    // expiry: 2 s of leeway left now, none after the pause.
+    let expiring = tool(&["hs256", secret, &claims(now() - 28), "kw-access+jwt"]);
+    assert_eq!(
+        s.call(Method::GET, "/echo/x", Some(&expiring), None)
+            .await
+            .status,
+        200
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(3500)).await;
+    s.call(Method::GET, "/echo/x", Some(&expiring), None)
+        .await
+        .assert_error(401, "expired_token");
     // Wrong secret, wrong typ.
     let wrong = tool(&[
         "hs256",
