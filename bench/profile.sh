@@ -18,31 +18,13 @@ RUN=$(mktemp -d /tmp/keyward-profile.XXXXXX)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
-wait_port() { for _ in $(seq 1 200); do (echo >/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 did not open" >&2; exit 1; }
+. bench/common.sh
 
 sed "s#__RUN__#$RUN#g" bench/nginx-upstream.conf > "$RUN/upstream.conf"
 nginx -c "$RUN/upstream.conf" -p "$RUN" & pids+=($!)
 wait_port 19000
 mkdir -p "$RUN/kw"
-cat > "$RUN/kw/keyward.toml" <<CFG
-[server]
-listen = "127.0.0.1:19001"
-internal_listen = "127.0.0.1:19011"
-data_dir = "$RUN/kw-data"
-[store]
-url = "sqlite://$RUN/kw/keyward.db"
-[ratelimit.tiers.free]
-per_minute = 1000000000
-per_hour = 1000000000
-[log]
-level = "warn"
-[[routes]]
-name = "bench"
-path = "/bench/"
-upstream = "http://127.0.0.1:19000"
-scopes = ["inference"]
-strip_prefix = true
-CFG
+keyward_config 19001 19011 > "$RUN/kw/keyward.toml"
 (cd "$RUN/kw" && exec "$BIN" serve > out.log 2> err.log) & pids+=($!)
 kw=$!
 wait_port 19001
@@ -61,5 +43,6 @@ graph=()
 perf record -F 499 "${graph[@]}" -o "$RUN/perf.data" -p "$kw" -- sleep "$SECS" 2> /dev/null
 wait "$wrk_pid"
 cat "$RUN/wrk.txt"
-perf report -i "$RUN/perf.data" --no-children --sort dso,symbol --stdio 2> /dev/null | grep -v '^#' | grep -v '^$' | head -60
+perf report -i "$RUN/perf.data" --no-children --sort dso,symbol --stdio 2> /dev/null |
+  grep -E '^ +[0-9]' | sed 's/ \{2,\}/ /g' | cut -c1-160 | head -60 || true
 echo "perf data: $RUN/perf.data"

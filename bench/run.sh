@@ -36,38 +36,12 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
-wait_port() { for _ in $(seq 1 200); do (echo >/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 did not open" >&2; exit 1; }
+. bench/common.sh
 
 sed "s#__RUN__#$RUN#g" bench/nginx-upstream.conf > "$RUN/upstream.conf"
 nginx -c "$RUN/upstream.conf" -p "$RUN" & pids+=($!)
 wait_port 19000
 
-keyward_config() { # listen internal [redis-url] [store-url]
-  local backend=memory
-  [ -n "${3:-}" ] && backend=redis
-  cat <<CFG
-[server]
-listen = "127.0.0.1:$1"
-internal_listen = "127.0.0.1:$2"
-data_dir = "$RUN/kw-data"
-[store]
-url = "${4:-sqlite://$RUN/kw/keyward.db}"
-[ratelimit]
-backend = "$backend"
-${3:+url = \"$3\"}
-[ratelimit.tiers.free]
-per_minute = 1000000000
-per_hour = 1000000000
-[log]
-level = "warn"
-[[routes]]
-name = "bench"
-path = "/bench/"
-upstream = "http://127.0.0.1:19000"
-scopes = ["inference"]
-strip_prefix = true
-CFG
-}
 mkdir -p "$RUN/kw" "$RUN/kw-redis"
 keyward_config 19001 19011 > "$RUN/kw/keyward.toml"
 (cd "$RUN/kw" && exec "$BIN" serve > out.log 2> err.log) & pids+=($!)
