@@ -14,7 +14,7 @@ use crate::auth::{admit, authenticate_on, verify_token};
 use crate::data_plane::{RouteLabel, normalized_path};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiJson, client_ip};
-use crate::proxy::identity_headers;
+use crate::proxy::insert_identity;
 use crate::state::AppState;
 
 pub const FORWARD_AUTH_PATH: &str = "/v1/auth";
@@ -61,22 +61,7 @@ pub async fn check(
     let admission = admit(state, &principal, cost).await?;
     let mut response = StatusCode::OK.into_response();
     response.headers_mut().extend(admission.headers);
-    match state
-        .tokens
-        .as_ref()
-        .map(|tokens| tokens.identity_for(&principal, state.clock.now()))
-    {
-        Some(Ok(identity)) => {
-            for (name, value) in identity.iter() {
-                response.headers_mut().insert(name.clone(), value.clone());
-            }
-        }
-        _ => {
-            for (name, value) in identity_headers(&principal) {
-                response.headers_mut().insert(name, value);
-            }
-        }
-    }
+    insert_identity(state, &principal, response.headers_mut());
     if let Some(route) = route {
         response
             .extensions_mut()

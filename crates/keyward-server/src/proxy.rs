@@ -110,6 +110,31 @@ pub fn identity_headers(principal: &Principal) -> Vec<(HeaderName, HeaderValue)>
     out
 }
 
+/// Sets a verified caller's identity headers (upstream requests, forward-auth answers): the
+/// cached set with the signed identity token, or the plain ids when no token can be signed.
+pub fn insert_identity(state: &AppState, principal: &Principal, headers: &mut HeaderMap) {
+    let signed = state.tokens.as_ref().and_then(|tokens| {
+        tokens
+            .identity_for(principal, state.clock.now())
+            .inspect_err(|e| {
+                tracing::warn!(code = e.code.as_str(), "cannot sign the identity token")
+            })
+            .ok()
+    });
+    match signed {
+        Some(identity) => {
+            for (name, value) in identity.iter() {
+                headers.insert(name.clone(), value.clone());
+            }
+        }
+        None => {
+            for (name, value) in identity_headers(principal) {
+                headers.insert(name, value);
+            }
+        }
+    }
+}
+
 pub struct Forward<'a> {
     pub route: &'a Route,
     pub principal: &'a Principal,
@@ -210,26 +235,7 @@ fn prepare_headers(state: &AppState, f: &Forward<'_>, headers: &mut HeaderMap) {
             headers.remove(header::AUTHORIZATION);
         }
     }
-    match &state.tokens {
-        Some(tokens) => match tokens.identity_for(f.principal, state.clock.now()) {
-            Ok(identity) => {
-                for (name, value) in identity.iter() {
-                    headers.insert(name.clone(), value.clone());
-                }
-            }
-            Err(e) => {
-                tracing::warn!(code = e.code.as_str(), "cannot sign the identity token");
-                for (name, value) in identity_headers(f.principal) {
-                    headers.insert(name, value);
-                }
-            }
-        },
-        None => {
-            for (name, value) in identity_headers(f.principal) {
-                headers.insert(name, value);
-            }
-        }
-    }
+    insert_identity(state, f.principal, headers);
     let chain = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(existing) if f.client.peer_trusted => {
             HeaderValue::from_str(&format!("{existing}, {}", f.client.peer_ip)).ok()
