@@ -147,6 +147,7 @@ pub fn run(config: Config) -> Result<(), BoxError> {
     let (stop_tx, stop_rx) = watch::channel(false);
     // Before the workers start: they keep the metric handles they first look up.
     let metrics = crate::metrics::install();
+    let metrics_upkeep = metrics.clone();
     let front = Arc::new(crate::front::Front::new(state.clone()));
     let mut handles = Vec::with_capacity(workers);
     let cores = state
@@ -192,6 +193,9 @@ pub fn run(config: Config) -> Result<(), BoxError> {
             stop_rx.clone(),
         ));
         tokio::spawn(flush_usage_periodically(state.clone(), stop_rx.clone()));
+        if let Some(metrics) = metrics_upkeep {
+            tokio::spawn(drain_metrics_periodically(metrics, stop_rx.clone()));
+        }
         tokio::spawn(reload_signing_keys(
             state.clone(),
             master_key,
@@ -260,6 +264,23 @@ async fn flush_usage(state: &AppState) {
     }
     state.limiter.backend().evict_idle(now);
     state.limiter.local().evict_idle(now);
+}
+
+/// Folds recorded latency samples into the histograms every 5 s. The recorder keeps every
+/// sample until then: without this, memory grew with each request until `/metrics` was read.
+async fn drain_metrics_periodically(
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    stop: watch::Receiver<bool>,
+) {
+    let mut interval = tokio::time::interval(std::time::Duration::from_secs(5));
+    let stopped = shutdown_requested(stop);
+    tokio::pin!(stopped);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => metrics.run_upkeep(),
+            _ = &mut stopped => return,
+        }
+    }
 }
 
 async fn flush_usage_periodically(state: AppState, stop: watch::Receiver<bool>) {
