@@ -7,6 +7,8 @@
 #   e. keyward forward-auth GET /v1/auth (compare with a: nginx's static return 200)
 #   f. keyward proxy mode with the Redis rate-limit backend
 #   g. keyward proxy mode on PostgreSQL storage (memory limits)
+# Besides req/s and latency it reports each gateway's CPU time per request (user + system, all
+# its threads, from /proc), which varies less between runs than req/s on two shared cores.
 # Usage: bench/run.sh   (DURATION=10s ROUNDS=3 CONNECTIONS=64 THREADS=2 SCENARIOS="a b c" to change)
 # Installs wrk, nginx, haproxy and redis-server from Debian when missing, and starts PostgreSQL
 # (scripts/pg-up). Loopback only;
@@ -39,12 +41,12 @@ trap cleanup EXIT
 . bench/common.sh
 
 sed "s#__RUN__#$RUN#g" bench/nginx-upstream.conf > "$RUN/upstream.conf"
-nginx -c "$RUN/upstream.conf" -p "$RUN" & pids+=($!)
+nginx -c "$RUN/upstream.conf" -p "$RUN" & pids+=($!); upstream_master=$!
 wait_port 19000
 
 mkdir -p "$RUN/kw" "$RUN/kw-redis"
 keyward_config 19001 19011 > "$RUN/kw/keyward.toml"
-(cd "$RUN/kw" && exec "$BIN" serve > out.log 2> err.log) & pids+=($!)
+(cd "$RUN/kw" && exec "$BIN" serve > out.log 2> err.log) & pids+=($!); kw_pid=$!
 wait_port 19001
 ADMIN=$(grep -E '^kw_' "$RUN/kw/err.log")
 python3 bench/make_keys.py 127.0.0.1:19001 "$ADMIN" "$NKEYS" "$RUN/keys.txt"
@@ -52,19 +54,19 @@ awk '{print "\"Bearer " $1 "\" 1;"}' "$RUN/keys.txt" > "$RUN/nginx-keys.map"
 awk '{print $1 " 1"}' "$RUN/keys.txt" > "$RUN/haproxy-keys.map"
 
 sed "s#__RUN__#$RUN#g" bench/nginx-keyauth.conf > "$RUN/keyauth.conf"
-nginx -c "$RUN/keyauth.conf" -p "$RUN" & pids+=($!)
+nginx -c "$RUN/keyauth.conf" -p "$RUN" & pids+=($!); keyauth_master=$!
 sed "s#__RUN__#$RUN#g" bench/haproxy.cfg > "$RUN/haproxy.cfg"
-haproxy -f "$RUN/haproxy.cfg" -db > "$RUN/haproxy.log" 2>&1 & pids+=($!)
+haproxy -f "$RUN/haproxy.cfg" -db > "$RUN/haproxy.log" 2>&1 & pids+=($!); haproxy_pid=$!
 redis-server --port 19005 --bind 127.0.0.1 --save "" --appendonly no > /dev/null & pids+=($!)
 keyward_config 19004 19014 redis://127.0.0.1:19005/ > "$RUN/kw-redis/keyward.toml"
-(cd "$RUN/kw-redis" && exec "$BIN" serve > out.log 2> err.log) & pids+=($!)
+(cd "$RUN/kw-redis" && exec "$BIN" serve > out.log 2> err.log) & pids+=($!); kw_redis_pid=$!
 PG_URL=$(scripts/pg-up)
 PG_DB=kw_bench_$$
 psql "$PG_URL" -qAtX -c "CREATE DATABASE $PG_DB" > /dev/null
 trap 'cleanup; psql "$PG_URL" -qAtX -c "DROP DATABASE IF EXISTS $PG_DB WITH (FORCE)" > /dev/null 2>&1 || true' EXIT
 mkdir -p "$RUN/kw-pg"
 keyward_config 19006 19016 "" "${PG_URL%/*}/$PG_DB" > "$RUN/kw-pg/keyward.toml"
-(cd "$RUN/kw-pg" && exec "$BIN" serve > out.log 2> err.log) & pids+=($!)
+(cd "$RUN/kw-pg" && exec "$BIN" serve > out.log 2> err.log) & pids+=($!); kw_pg_pid=$!
 wait_port 19002; wait_port 19003; wait_port 19004; wait_port 19006
 PG_ADMIN=$(grep -E '^kw_' "$RUN/kw-pg/err.log")
 python3 bench/make_keys.py 127.0.0.1:19006 "$PG_ADMIN" "$NKEYS" "$RUN/keys-pg.txt"
@@ -98,16 +100,44 @@ for s in b c d f g; do
   [ "$ok" = 200 ] && [ "$bad" = 401 ] || { echo "scenario $s: valid key → $ok, bad key → $bad" >&2; exit 1; }
 done
 
-measure() { # scenario → "rps p50_ms p99_ms"
+# The processes doing each scenario's gateway work (nginx: its workers), for CPU per request:
+# a steadier figure than req/s on two shared cores, and one that shows where time goes.
+declare -A GATEWAY=(
+  [a]="$(pgrep -P "$upstream_master" | xargs)"
+  [b]="$kw_pid" [e]="$kw_pid"
+  [c]="$(pgrep -P "$keyauth_master" | xargs)"
+  [d]="$haproxy_pid"
+  [f]="$kw_redis_pid"
+  [g]="$kw_pg_pid"
+)
+cpu_ticks() { # pids → user+system clock ticks of all their threads
+  local total=0 f fields
+  for p in "$@"; do
+    for f in /proc/"$p"/task/*/stat; do
+      fields=$(sed 's/.*) //' "$f" 2>/dev/null) || continue
+      set -- $fields
+      total=$((total + ${12} + ${13}))
+    done
+  done
+  echo "$total"
+}
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+
+measure() { # scenario → "rps p50_ms p99_ms non2xx cpu_us_per_request"
   local extra="" keys="$RUN/keys.txt"
   [ "$1" = e ] && extra="X-Forwarded-Uri: /bench/x"
   [ "$1" = g ] && keys="$RUN/keys-pg.txt"
   KEYS_FILE="$keys" EXTRA_HEADER="$extra" wrk -t"$THREADS" -c"$CONNECTIONS" -d2s -s bench/keys.lua "${URL[$1]}" > /dev/null
-  KEYS_FILE="$keys" EXTRA_HEADER="$extra" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -s bench/keys.lua "${URL[$1]}" |
-    awk '
+  local before after
+  before=$(cpu_ticks ${GATEWAY[$1]})
+  local out
+  out=$(KEYS_FILE="$keys" EXTRA_HEADER="$extra" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -s bench/keys.lua "${URL[$1]}")
+  after=$(cpu_ticks ${GATEWAY[$1]})
+  echo "$out" | awk -v ticks=$((after - before)) -v tick_us="$TICK_US" '
       function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
       /^ +50%/ { p50 = ms($2) } /^ +99%/ { p99 = ms($2) } /^Requests\/sec/ { rps = $2 }
-      /Non-2xx/ { bad = $NF } END { print rps, p50, p99, (bad ? bad : 0) }'
+      / requests in / { n = $1 }
+      /Non-2xx/ { bad = $NF } END { printf "%s %s %s %s %.1f\n", rps, p50, p99, (bad ? bad : 0), (n ? ticks * tick_us / n : 0) }'
 }
 
 declare -A RESULTS
@@ -124,13 +154,14 @@ nginx_rps=$(echo "${RESULTS[c]}" | median 1)
 echo
 echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency, 2 s warm-up, $ROUNDS interleaved rounds, medians; keys drawn from $NKEYS"
 echo
-echo "| scenario | req/s | p50 ms | p99 ms | × nginx key-auth | non-2xx |"
-echo "|---|---|---|---|---|---|"
+echo "| scenario | req/s | p50 ms | p99 ms | × nginx key-auth | non-2xx | gateway CPU µs/req |"
+echo "|---|---|---|---|---|---|---|"
 for s in $SCENARIOS; do
   rps=$(echo "${RESULTS[$s]}" | median 1)
   p50=$(echo "${RESULTS[$s]}" | median 2)
   p99=$(echo "${RESULTS[$s]}" | median 3)
   bad=$(echo "${RESULTS[$s]}" | median 4)
+  cpu=$(echo "${RESULTS[$s]}" | median 5)
   ratio=$(awk -v a="$rps" -v b="$nginx_rps" 'BEGIN { printf "%.2f", a / b }')
-  printf "| %s. %s | %.0f | %.2f | %.2f | %s | %s |\n" "$s" "${NAME[$s]}" "$rps" "$p50" "$p99" "$ratio" "$bad"
+  printf "| %s. %s | %.0f | %.2f | %.2f | %s | %s | %s |\n" "$s" "${NAME[$s]}" "$rps" "$p50" "$p99" "$ratio" "$bad" "$cpu"
 done

@@ -219,14 +219,15 @@ pub async fn resolve(
     }
 }
 
-/// Follows the store's change feed, invalidating changed keys; runs until `stop`.
+/// Follows the store's change feed from `seq` (its head when the node started, before it
+/// cached anything), invalidating changed keys; runs until `stop`.
 pub async fn follow_changes(
     cache: Arc<KeyCache>,
     store: Arc<dyn Store>,
     clock: Arc<dyn keyward_core::Clock>,
+    mut seq: i64,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut seq = 0;
     let mut ticks: u64 = 0;
     let mut interval = tokio::time::interval(std::time::Duration::from_millis(500));
     loop {

@@ -99,9 +99,12 @@ pub fn run(config: Config) -> Result<(), BoxError> {
         n => n,
     };
     let mut master_key = None;
+    let mut feed_head = 0;
     let state = main_rt.block_on(async {
         let store = keyward_store::open(&config.store_url).await?;
         store.migrate().await?;
+        // Before anything is cached: older changes concern nothing this node holds.
+        feed_head = store.key_changes_head().await?;
         let mut state = AppState::new(config, store, Arc::new(SystemClock));
         if state.config.ratelimit.backend == RateLimitBackend::Redis {
             let url = state.config.ratelimit.url.clone().unwrap_or_default();
@@ -190,6 +193,7 @@ pub fn run(config: Config) -> Result<(), BoxError> {
             state.keys.clone(),
             state.store.clone(),
             state.clock.clone(),
+            feed_head,
             stop_rx.clone(),
         ));
         tokio::spawn(flush_usage_periodically(state.clone(), stop_rx.clone()));

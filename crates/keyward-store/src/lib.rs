@@ -287,8 +287,11 @@ pub trait Store: Send + Sync + 'static {
         ip: Option<&str>,
     ) -> StoreResult<u64>;
 
-    /// Keys changed after `after` (a sequence number from an earlier call, or 0), and the
-    /// sequence number to pass next time.
+    /// The newest change's sequence number (0 when there is none). A node follows the feed
+    /// from here, read before it caches anything: older changes concern nothing it holds.
+    async fn key_changes_head(&self) -> StoreResult<i64>;
+    /// Keys changed after `after` (a sequence number from [`Store::key_changes_head`] or an
+    /// earlier call), and the sequence number to pass next time.
     async fn key_changes_since(&self, after: i64) -> StoreResult<(Vec<KeyId>, i64)>;
     /// Drops change records older than `before`.
     async fn prune_key_changes(&self, before: Timestamp) -> StoreResult<()>;

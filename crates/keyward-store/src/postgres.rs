@@ -634,16 +634,16 @@ impl Store for PgStore {
             last = row.try_get("seq").map_err(map_err)?;
             keys.push(KeyId::from_trusted(row.try_get("key_id").map_err(map_err)?));
         }
-        if rows.is_empty() && after == 0 {
-            // Start from the newest change: older ones concern no cache of ours.
-            last = sqlx::query("SELECT COALESCE(MAX(seq), 0) AS seq FROM key_changes")
-                .fetch_one(&self.pool)
-                .await
-                .map_err(map_err)?
-                .try_get("seq")
-                .map_err(map_err)?;
-        }
         Ok((keys, last))
+    }
+
+    async fn key_changes_head(&self) -> StoreResult<i64> {
+        sqlx::query("SELECT COALESCE(MAX(seq), 0) AS seq FROM key_changes")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map_err)?
+            .try_get("seq")
+            .map_err(map_err)
     }
 
     async fn prune_key_changes(&self, before: Timestamp) -> StoreResult<()> {

@@ -466,8 +466,18 @@ pub async fn unique_slugs_conflict(store: Arc<dyn Store>) {
 
 pub async fn key_changes_are_fed_in_order(store: Arc<dyn Store>) {
     let (org, _, k) = seeded(&store).await;
-    let (none, start) = store.key_changes_since(0).await.unwrap();
+    let mut earlier = k.clone();
+    earlier.name = "w".into();
+    store
+        .update_key(&earlier, &audit(&org.id, "key.updated", T0))
+        .await
+        .unwrap();
+    let start = store.key_changes_head().await.unwrap();
+    assert!(start > 0);
+    // A node starting now follows from the head: the earlier change does not come back.
+    let (none, same_start) = store.key_changes_since(start).await.unwrap();
     assert!(none.is_empty());
+    assert_eq!(same_start, start);
     let mut patched = k.clone();
     patched.name = "x".into();
     store
@@ -484,6 +494,7 @@ pub async fn key_changes_are_fed_in_order(store: Arc<dyn Store>) {
     let (again, same) = store.key_changes_since(next).await.unwrap();
     assert!(again.is_empty());
     assert_eq!(same, next);
+    assert_eq!(store.key_changes_head().await.unwrap(), next);
     store.prune_key_changes(T0.plus_secs(1)).await.unwrap();
 }
 

@@ -183,7 +183,7 @@ async fn the_change_feed_misses_nothing_while_nodes_write_concurrently() {
     nodes[0].migrate().await.unwrap();
     let b = bootstrap();
     assert!(nodes[0].bootstrap(&b).await.unwrap());
-    let (_, start) = nodes[0].key_changes_since(0).await.unwrap();
+    let start = nodes[0].key_changes_head().await.unwrap();
 
     // Many writers on two pools, each patching its own key over and over (one key each, so
     // that row locks do not line them up)...
