@@ -7,6 +7,8 @@
 //! - Writes invalidate: the writer on this node calls [`KeyCache::invalidate`] before it
 //!   answers, and every node polls the store's change feed (`key_changes`) once a second.
 //!   An epoch counter keeps a lookup that raced with an invalidation from caching stale data.
+//! - Concurrent misses on one hash share one store query (a cold cache after a start would
+//!   otherwise query a popular key once per request in flight).
 
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
@@ -66,8 +68,18 @@ pub struct KeyCache {
     by_id: DashMap<KeyId, CachedSecret>,
     hashes_by_key: DashMap<KeyId, Vec<KeyHash>>,
     negative: DashMap<KeyHash, Timestamp, foldhash::fast::RandomState>,
+    /// Store queries in flight, by hash. Client-chosen hashes too, hence the seeded hasher.
+    loading: DashMap<KeyHash, Arc<Load>, foldhash::fast::RandomState>,
     epoch: AtomicU64,
     settings: CacheSettings,
+}
+
+/// One store query for a hash, shared by the requests that missed it meanwhile.
+struct Load {
+    /// The cache epoch when the query's first request missed: a request that missed later,
+    /// after an invalidation, must not take an answer read before it.
+    epoch: u64,
+    found: tokio::sync::OnceCell<Option<CachedSecret>>,
 }
 
 /// What the cache knows about a hash.
@@ -85,6 +97,7 @@ impl KeyCache {
             by_id: DashMap::new(),
             hashes_by_key: DashMap::new(),
             negative: DashMap::with_hasher(foldhash::fast::RandomState::default()),
+            loading: DashMap::with_hasher(foldhash::fast::RandomState::default()),
             epoch: AtomicU64::new(0),
             settings,
         }
@@ -131,6 +144,26 @@ impl KeyCache {
                     .insert(hash, now.plus_millis(self.settings.negative_ttl_ms));
             }
         }
+    }
+
+    /// The query in flight for `hash` that a miss at `epoch` may share, or a new one.
+    fn load_for(&self, hash: &KeyHash, epoch: u64) -> Arc<Load> {
+        let new = || {
+            Arc::new(Load {
+                epoch,
+                found: tokio::sync::OnceCell::new(),
+            })
+        };
+        let mut slot = self.loading.entry(*hash).or_insert_with(new);
+        if slot.epoch < epoch {
+            // Started before an invalidation this miss saw: its answer may be stale.
+            *slot = new();
+        }
+        slot.clone()
+    }
+
+    fn loaded(&self, hash: &KeyHash, load: &Arc<Load>) {
+        self.loading.remove_if(hash, |_, l| Arc::ptr_eq(l, load));
     }
 
     /// Forgets everything cached about a key (all its secrets).
@@ -207,14 +240,25 @@ pub async fn resolve(
             Ok(None)
         }
         Lookup::Miss(epoch) => {
-            crate::metrics::key_cache_miss();
-            let found = store.find_by_hash(hash).await?.map(|found| CachedSecret {
-                key: Arc::new(found.key),
-                validity: found.validity,
-                org_tier: Arc::from(found.org_tier),
-            });
-            cache.fill(*hash, found.clone(), epoch, now);
-            Ok(found)
+            let load = cache.load_for(hash, epoch);
+            // The first request queries; the others wait for its answer (or, if it fails or
+            // is cancelled, the next one queries).
+            let found = load
+                .found
+                .get_or_try_init(|| async {
+                    crate::metrics::key_cache_miss();
+                    let found = store.find_by_hash(hash).await?.map(|found| CachedSecret {
+                        key: Arc::new(found.key),
+                        validity: found.validity,
+                        org_tier: Arc::from(found.org_tier),
+                    });
+                    cache.fill(*hash, found.clone(), load.epoch, now);
+                    Ok::<_, keyward_store::StoreError>(found)
+                })
+                .await
+                .cloned();
+            cache.loaded(hash, &load);
+            found
         }
     }
 }

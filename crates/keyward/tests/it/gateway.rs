@@ -779,3 +779,41 @@ async fn metrics_and_a_flood_of_random_keys() {
     }
     assert!(!s.stdout().contains(&key[8..]), "a secret was logged");
 }
+
+#[tokio::test]
+async fn concurrent_misses_on_one_key_share_one_store_query() {
+    let (mut s, _up) = gateway("").await;
+    let (_, key) = s.create_key(json!({"scopes": ["inference"]})).await;
+    assert!(s.stop().await.success());
+    let dir = s.dir.clone();
+    drop(s);
+    // A restart empties the cache; the key's creation lies behind the change feed's head.
+    let s = TestServer::start_in(dir, &[]).await;
+    let mut burst = tokio::task::JoinSet::new();
+    // Fewer than the default limits (60 a minute), so that every answer is a 200.
+    for _ in 0..40 {
+        let request = s
+            .client
+            .get(format!("{}/v1/chat/x", s.base))
+            .bearer_auth(&key);
+        burst.spawn(async move { request.send().await.map(|r| r.status().as_u16()) });
+    }
+    while let Some(status) = burst.join_next().await {
+        assert_eq!(status.unwrap().unwrap(), 200);
+    }
+    let metrics = s
+        .client
+        .get(format!("{}/metrics", s.internal))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let misses = metrics
+        .lines()
+        .find(|l| l.starts_with("keyward_key_cache_misses_total"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<u64>().ok());
+    assert_eq!(misses, Some(1), "{metrics}");
+}
