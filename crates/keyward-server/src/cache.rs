@@ -162,10 +162,6 @@ impl KeyCache {
         slot.clone()
     }
 
-    fn loaded(&self, hash: &KeyHash, load: &Arc<Load>) {
-        self.loading.remove_if(hash, |_, l| Arc::ptr_eq(l, load));
-    }
-
     /// Forgets everything cached about a key (all its secrets).
     pub fn invalidate(&self, key_id: &KeyId) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
@@ -192,6 +188,22 @@ impl KeyCache {
 
     pub fn len(&self) -> (usize, usize) {
         (self.positive.len(), self.negative.len())
+    }
+}
+
+/// Takes a finished (or abandoned) query off the map, also when the request that waited for
+/// it is cancelled: a client that hangs up mid-query must not leave its hash behind.
+struct Loading<'a> {
+    cache: &'a KeyCache,
+    hash: &'a KeyHash,
+    load: Arc<Load>,
+}
+
+impl Drop for Loading<'_> {
+    fn drop(&mut self) {
+        self.cache
+            .loading
+            .remove_if(self.hash, |_, l| Arc::ptr_eq(l, &self.load));
     }
 }
 
@@ -240,11 +252,15 @@ pub async fn resolve(
             Ok(None)
         }
         Lookup::Miss(epoch) => {
-            let load = cache.load_for(hash, epoch);
+            let loading = Loading {
+                cache,
+                hash,
+                load: cache.load_for(hash, epoch),
+            };
+            let load = &loading.load;
             // The first request queries; the others wait for its answer (or, if it fails or
             // is cancelled, the next one queries).
-            let found = load
-                .found
+            load.found
                 .get_or_try_init(|| async {
                     crate::metrics::key_cache_miss();
                     let found = store.find_by_hash(hash).await?.map(|found| CachedSecret {
@@ -256,9 +272,7 @@ pub async fn resolve(
                     Ok::<_, keyward_store::StoreError>(found)
                 })
                 .await
-                .cloned();
-            cache.loaded(hash, &load);
-            found
+                .cloned()
         }
     }
 }
@@ -383,6 +397,31 @@ mod tests {
             NOW,
         );
         assert!(matches!(c.lookup(&h, NOW), Lookup::Miss(_)));
+    }
+
+    #[test]
+    fn misses_share_a_load_until_an_invalidation_and_leave_nothing_behind() {
+        let c = cache(10);
+        let h = KeyHash::of(b"a");
+        let first = Loading {
+            cache: &c,
+            hash: &h,
+            load: c.load_for(&h, 0),
+        };
+        let same_epoch = c.load_for(&h, 0);
+        assert!(Arc::ptr_eq(&first.load, &same_epoch));
+        // A miss after an invalidation must not take an answer read before it.
+        let newer = c.load_for(&h, 1);
+        assert!(!Arc::ptr_eq(&first.load, &newer));
+        // The replaced load, finished or abandoned, does not take the newer one with it.
+        drop(first);
+        assert_eq!(c.loading.len(), 1);
+        drop(Loading {
+            cache: &c,
+            hash: &h,
+            load: newer,
+        });
+        assert!(c.loading.is_empty());
     }
 
     #[test]
