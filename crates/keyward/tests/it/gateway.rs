@@ -6,7 +6,7 @@ use std::time::Duration;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::harness::{TestServer, raw_http};
+use crate::harness::{TestServer, metric, raw_http};
 use crate::upstream;
 
 fn config(port: u16, extra: &str) -> String {
@@ -712,27 +712,7 @@ async fn metrics_and_a_flood_of_random_keys() {
             200
         );
     }
-    let metrics = || {
-        let s = &s;
-        async move {
-            s.client
-                .get(format!("{}/metrics", s.internal))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap()
-        }
-    };
-    let value = |text: &str, name: &str| -> f64 {
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
-    };
-    let before = metrics().await;
+    let before = s.metrics().await;
     assert!(
         before.contains("keyward_requests_total{route=\"chat\",status=\"200\",code=\"ok\"} 3"),
         "{before}"
@@ -741,7 +721,7 @@ async fn metrics_and_a_flood_of_random_keys() {
         before.contains("keyward_request_duration_seconds_bucket{route=\"chat\""),
         "{before}"
     );
-    assert!(value(&before, "keyward_key_cache_hits_total") >= 2.0);
+    assert!(metric(&before, "keyward_key_cache_hits_total") >= 2.0);
 
     // Strings that fail the checksum never reach the cache, let alone storage.
     for i in 0..200 {
@@ -753,10 +733,10 @@ async fn metrics_and_a_flood_of_random_keys() {
             401
         );
     }
-    let after_junk = metrics().await;
+    let after_junk = s.metrics().await;
     assert_eq!(
-        value(&after_junk, "keyward_key_cache_misses_total"),
-        value(&before, "keyward_key_cache_misses_total")
+        metric(&after_junk, "keyward_key_cache_misses_total"),
+        metric(&before, "keyward_key_cache_misses_total")
     );
 
     // A well-formed unknown key costs one storage lookup, then the negative cache answers.
@@ -767,13 +747,13 @@ async fn metrics_and_a_flood_of_random_keys() {
             .await
             .assert_error(401, "invalid_api_key");
     }
-    let after = metrics().await;
+    let after = s.metrics().await;
     assert_eq!(
-        value(&after, "keyward_key_cache_misses_total")
-            - value(&after_junk, "keyward_key_cache_misses_total"),
+        metric(&after, "keyward_key_cache_misses_total")
+            - metric(&after_junk, "keyward_key_cache_misses_total"),
         1.0
     );
-    assert!(value(&after, "keyward_key_cache_negative_hits_total") >= 49.0);
+    assert!(metric(&after, "keyward_key_cache_negative_hits_total") >= 49.0);
     for secret in [&key, &foreign] {
         assert!(!after.contains(&secret[8..]));
     }
@@ -801,19 +781,10 @@ async fn concurrent_misses_on_one_key_share_one_store_query() {
     while let Some(status) = burst.join_next().await {
         assert_eq!(status.unwrap().unwrap(), 200);
     }
-    let metrics = s
-        .client
-        .get(format!("{}/metrics", s.internal))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let misses = metrics
-        .lines()
-        .find(|l| l.starts_with("keyward_key_cache_misses_total"))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<u64>().ok());
-    assert_eq!(misses, Some(1), "{metrics}");
+    let text = s.metrics().await;
+    assert_eq!(
+        metric(&text, "keyward_key_cache_misses_total"),
+        1.0,
+        "{text}"
+    );
 }

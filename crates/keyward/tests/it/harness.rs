@@ -255,6 +255,18 @@ impl TestServer {
     }
 
     /// Sends SIGTERM and waits for the process to end.
+    /// The internal listener's Prometheus text.
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(format!("{}/metrics", self.internal))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub async fn stop(&mut self) -> ExitStatus {
         let pid = self.child.id().to_string();
         let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
@@ -266,7 +278,14 @@ impl TestServer {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 return status;
             }
-            assert!(Instant::now() < deadline, "keyward did not stop");
+            if Instant::now() >= deadline {
+                let out = self.stdout();
+                let tail: Vec<&str> = out.lines().rev().take(40).collect();
+                panic!(
+                    "keyward did not stop; its last log lines:\n{}",
+                    tail.join("\n")
+                );
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -277,6 +296,17 @@ impl Drop for TestServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A metric's value in Prometheus text, summed over its label sets; 0 when absent.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with([' ', '{']))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// One raw HTTP/1.1 exchange, so that paths reach keyward exactly as written (HTTP clients

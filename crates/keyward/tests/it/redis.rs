@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use reqwest::Method;
 use serde_json::json;
 
-use crate::harness::TestServer;
+use crate::harness::{TestServer, metric};
 
 /// A real redis-server on a free loopback port, without persistence.
 pub struct RedisServer {
@@ -213,19 +213,7 @@ async fn credits_are_shared_across_nodes() {
 }
 
 async fn backend_errors(s: &TestServer) -> f64 {
-    let text = s
-        .client
-        .get(format!("{}/metrics", s.internal))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with("keyward_ratelimit_backend_errors_total"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    metric(&s.metrics().await, "keyward_ratelimit_backend_errors_total")
 }
 
 /// Polls until a request is answered with `status` (the backend's back-off is 1 s).
