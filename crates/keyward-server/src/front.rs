@@ -146,14 +146,18 @@ pub async fn serve(
         });
         let builder = builder.clone();
         let watcher = graceful.watcher();
+        let mut stop = stop.clone();
         tokio::spawn(async move {
             // Telling HTTP/1 from HTTP/2 waits for the first bytes with no timer of its own; the
-            // header read timeout (slow headers, idle keep-alive) starts after it.
+            // header read timeout (slow headers, idle keep-alive) starts after it. A connection
+            // that has sent nothing when the drain starts has no request to finish: it closes
+            // (HTTP clients open spare connections that may never carry a request).
             let mut first = [0u8; 1];
-            if !matches!(
-                tokio::time::timeout(first_bytes, stream.peek(&mut first)).await,
-                Ok(Ok(1))
-            ) {
+            let peeked = tokio::select! {
+                peeked = tokio::time::timeout(first_bytes, stream.peek(&mut first)) => peeked,
+                _ = stop.wait_for(|stop| *stop) => return,
+            };
+            if !matches!(peeked, Ok(Ok(1))) {
                 return;
             }
             let connection = builder

@@ -115,3 +115,25 @@ async fn slow_and_idle_clients_are_disconnected_after_the_header_read_timeout() 
     assert!(sent.starts_with("HTTP/1.1 401"), "{sent}");
     assert!(took < Duration::from_secs(5), "closed after {took:?}");
 }
+
+#[tokio::test]
+async fn a_connection_that_never_sent_a_byte_does_not_hold_up_the_drain() {
+    // The header read timeout (30 s by default) would otherwise keep the drain waiting: HTTP
+    // clients open spare connections that may never carry a request.
+    let mut s = TestServer::start().await;
+    let address = s.base.trim_start_matches("http://").to_owned();
+    let _silent = tokio::net::TcpStream::connect(&address).await.unwrap();
+    assert_eq!(
+        s.call(Method::GET, "/v1/org", Some(&s.mgmt_key.clone()), None)
+            .await
+            .status,
+        200
+    );
+    let started = std::time::Instant::now();
+    assert!(s.stop().await.success());
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+}
