@@ -2,6 +2,7 @@
 //! (steps 2 to 5). Rate limits and credits (steps 6 and 7) are decided elsewhere.
 
 use std::net::IpAddr;
+use std::sync::{Arc, LazyLock};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -130,33 +131,168 @@ pub struct Access<'a> {
     pub required_scopes: &'a [String],
 }
 
+/// What many keys have in common (one project's keys made by one person usually share it),
+/// held once for all of them by [`CompactKey`].
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct KeyProfile {
+    pub org_id: OrgId,
+    pub org_tier: Arc<str>,
+    pub project_id: ProjectId,
+    pub environment: Environment,
+    pub scopes: Vec<String>,
+    pub created_by: String,
+}
+
+/// The parts of a key that few keys set, boxed so that a key without them does not pay for
+/// them.
+#[derive(Debug, Default)]
+struct KeyExtras {
+    revoked_at: Option<Timestamp>,
+    secret_valid_until: Option<Timestamp>,
+    allowed_ips: Vec<IpNet>,
+    blocked_ips: Vec<IpNet>,
+    endpoint: Option<String>,
+    remaining: Option<i64>,
+    refill: Option<Refill>,
+    credits_version: i64,
+    meta: serde_json::Map<String, serde_json::Value>,
+}
+
+static NO_META: LazyLock<serde_json::Map<String, serde_json::Value>> =
+    LazyLock::new(serde_json::Map::new);
+
+/// One secret's key as the request path holds it: what authorisation, limits and identity
+/// need, in about a fifth of an [`ApiKey`]'s memory (a node may cache millions). Immutable: a
+/// changed key is cached anew.
+#[derive(Debug)]
+pub struct CompactKey {
+    pub id: KeyId,
+    pub profile: Arc<KeyProfile>,
+    pub expires_at: Option<Timestamp>,
+    pub quota_requests: u32,
+    pub quota_window: u32,
+    extras: Option<Box<KeyExtras>>,
+}
+
+impl CompactKey {
+    /// `intern` returns the shared copy of an equal profile (or keeps this one).
+    pub fn new(
+        key: ApiKey,
+        org_tier: Arc<str>,
+        secret: SecretValidity,
+        intern: impl FnOnce(KeyProfile) -> Arc<KeyProfile>,
+    ) -> Self {
+        let extras = KeyExtras {
+            revoked_at: key.revoked_at,
+            secret_valid_until: secret.valid_until,
+            allowed_ips: key.allowed_ips,
+            blocked_ips: key.blocked_ips,
+            endpoint: key.endpoint,
+            remaining: key.remaining,
+            refill: key.refill,
+            credits_version: key.credits_version,
+            meta: key.meta,
+        };
+        let plain = extras.revoked_at.is_none()
+            && extras.secret_valid_until.is_none()
+            && extras.allowed_ips.is_empty()
+            && extras.blocked_ips.is_empty()
+            && extras.endpoint.is_none()
+            && extras.remaining.is_none()
+            && extras.refill.is_none()
+            && extras.credits_version == 0
+            && extras.meta.is_empty();
+        Self {
+            id: key.id,
+            profile: intern(KeyProfile {
+                org_id: key.org_id,
+                org_tier,
+                project_id: key.project_id,
+                environment: key.environment,
+                scopes: key.scopes,
+                created_by: key.created_by,
+            }),
+            expires_at: key.expires_at,
+            quota_requests: key.quota_requests,
+            quota_window: key.quota_window,
+            extras: (!plain).then(|| Box::new(extras)),
+        }
+    }
+
+    pub fn state(&self, now: Timestamp) -> KeyState {
+        if self.revoked_at().is_some() {
+            KeyState::Revoked
+        } else if self.expires_at.is_some_and(|at| at <= now) {
+            KeyState::Expired
+        } else {
+            KeyState::Active
+        }
+    }
+
+    pub fn scopes(&self) -> &[String] {
+        &self.profile.scopes
+    }
+
+    pub fn revoked_at(&self) -> Option<Timestamp> {
+        self.extras.as_ref().and_then(|e| e.revoked_at)
+    }
+
+    /// The end of this secret's rotation grace, if it is a previous secret.
+    pub fn secret_valid_until(&self) -> Option<Timestamp> {
+        self.extras.as_ref().and_then(|e| e.secret_valid_until)
+    }
+
+    pub fn allowed_ips(&self) -> &[IpNet] {
+        self.extras.as_ref().map_or(&[], |e| &e.allowed_ips)
+    }
+
+    pub fn blocked_ips(&self) -> &[IpNet] {
+        self.extras.as_ref().map_or(&[], |e| &e.blocked_ips)
+    }
+
+    pub fn endpoint(&self) -> Option<&str> {
+        self.extras.as_ref().and_then(|e| e.endpoint.as_deref())
+    }
+
+    pub fn remaining(&self) -> Option<i64> {
+        self.extras.as_ref().and_then(|e| e.remaining)
+    }
+
+    pub fn refill(&self) -> Option<&Refill> {
+        self.extras.as_ref().and_then(|e| e.refill.as_ref())
+    }
+
+    pub fn credits_version(&self) -> i64 {
+        self.extras.as_ref().map_or(0, |e| e.credits_version)
+    }
+
+    pub fn meta(&self) -> &serde_json::Map<String, serde_json::Value> {
+        self.extras.as_ref().map_or(&NO_META, |e| &e.meta)
+    }
+}
+
 /// Steps 2 to 5 of the decision order, first failure wins.
-pub fn authorize(
-    key: &ApiKey,
-    secret: SecretValidity,
-    access: Access<'_>,
-    now: Timestamp,
-) -> Result<(), ErrorCode> {
+pub fn authorize(key: &CompactKey, access: Access<'_>, now: Timestamp) -> Result<(), ErrorCode> {
     match key.state(now) {
         KeyState::Revoked => return Err(ErrorCode::KeyRevoked),
         KeyState::Expired => return Err(ErrorCode::KeyExpired),
         KeyState::Active => {}
     }
-    if secret.valid_until.is_some_and(|until| until <= now) {
+    if key.secret_valid_until().is_some_and(|until| until <= now) {
         return Err(ErrorCode::KeyExpired);
     }
-    if !ip::is_allowed(access.client_ip, &key.allowed_ips, &key.blocked_ips) {
+    if !ip::is_allowed(access.client_ip, key.allowed_ips(), key.blocked_ips()) {
         return Err(ErrorCode::IpNotAllowed);
     }
-    if let Some(endpoint) = &key.endpoint
-        && access.route != Some(endpoint.as_str())
+    if let Some(endpoint) = key.endpoint()
+        && access.route != Some(endpoint)
     {
         return Err(ErrorCode::EndpointNotAllowed);
     }
     if !access
         .required_scopes
         .iter()
-        .all(|needed| key.scopes.iter().any(|s| s == needed))
+        .all(|needed| key.scopes().iter().any(|s| s == needed))
     {
         return Err(ErrorCode::InsufficientScope);
     }
@@ -194,6 +330,10 @@ mod tests {
         }
     }
 
+    fn compact(key: &ApiKey, secret: SecretValidity) -> CompactKey {
+        CompactKey::new(key.clone(), Arc::from("free"), secret, Arc::new)
+    }
+
     const CURRENT: SecretValidity = SecretValidity { valid_until: None };
     const NOW: Timestamp = Timestamp::from_millis(1_000_000);
 
@@ -211,11 +351,19 @@ mod tests {
         let management = vec!["management".to_owned()];
         let k = key();
         assert_eq!(
-            authorize(&k, CURRENT, access(&inference, None, [1, 1, 1, 1]), NOW),
+            authorize(
+                &compact(&k, CURRENT),
+                access(&inference, None, [1, 1, 1, 1]),
+                NOW
+            ),
             Ok(())
         );
         assert_eq!(
-            authorize(&k, CURRENT, access(&management, None, [1, 1, 1, 1]), NOW),
+            authorize(
+                &compact(&k, CURRENT),
+                access(&management, None, [1, 1, 1, 1]),
+                NOW
+            ),
             Err(ErrorCode::InsufficientScope)
         );
 
@@ -223,8 +371,7 @@ mod tests {
         restricted.endpoint = Some("chat".into());
         assert_eq!(
             authorize(
-                &restricted,
-                CURRENT,
+                &compact(&restricted, CURRENT),
                 access(&management, Some("embed"), [1, 1, 1, 1]),
                 NOW
             ),
@@ -232,8 +379,7 @@ mod tests {
         );
         assert_eq!(
             authorize(
-                &restricted,
-                CURRENT,
+                &compact(&restricted, CURRENT),
                 access(&inference, Some("chat"), [1, 1, 1, 1]),
                 NOW
             ),
@@ -244,8 +390,7 @@ mod tests {
         ip_locked.allowed_ips = vec![ip::parse_rule("10.0.0.0/8").unwrap_or_default()];
         assert_eq!(
             authorize(
-                &ip_locked,
-                CURRENT,
+                &compact(&ip_locked, CURRENT),
                 access(&management, Some("embed"), [1, 1, 1, 1]),
                 NOW
             ),
@@ -256,21 +401,20 @@ mod tests {
         expired.expires_at = Some(NOW);
         assert_eq!(
             authorize(
-                &expired,
-                CURRENT,
+                &compact(&expired, CURRENT),
                 access(&inference, None, [1, 1, 1, 1]),
                 NOW
             ),
             Err(ErrorCode::KeyExpired)
         );
         assert_eq!(expired.state(NOW), KeyState::Expired);
+        assert_eq!(compact(&expired, CURRENT).state(NOW), KeyState::Expired);
 
         let mut revoked = expired.clone();
         revoked.revoked_at = Some(NOW);
         assert_eq!(
             authorize(
-                &revoked,
-                CURRENT,
+                &compact(&revoked, CURRENT),
                 access(&inference, None, [1, 1, 1, 1]),
                 NOW
             ),
@@ -286,17 +430,112 @@ mod tests {
             valid_until: Some(NOW.plus_secs(10)),
         };
         assert_eq!(
-            authorize(&k, grace, access(&scopes, None, [1, 1, 1, 1]), NOW),
+            authorize(
+                &compact(&k, grace),
+                access(&scopes, None, [1, 1, 1, 1]),
+                NOW
+            ),
             Ok(())
         );
         assert_eq!(
             authorize(
-                &k,
-                grace,
+                &compact(&k, grace),
                 access(&scopes, None, [1, 1, 1, 1]),
                 NOW.plus_secs(10)
             ),
             Err(ErrorCode::KeyExpired)
         );
+    }
+}
+
+#[cfg(test)]
+mod compact_tests {
+    use super::*;
+
+    fn key() -> ApiKey {
+        ApiKey {
+            id: KeyId::generate(),
+            org_id: OrgId::generate(),
+            project_id: ProjectId::generate(),
+            name: "n".into(),
+            environment: Environment::Test,
+            hint: "h".into(),
+            scopes: vec!["a".into(), "b".into()],
+            expires_at: Some(Timestamp::from_millis(5)),
+            allowed_ips: vec![],
+            blocked_ips: vec![],
+            endpoint: None,
+            quota_requests: 7,
+            quota_window: 9,
+            remaining: None,
+            refill: None,
+            credits_version: 0,
+            meta: serde_json::Map::new(),
+            created_at: Timestamp::from_millis(0),
+            created_by: "usr_x".into(),
+            last_used_at: None,
+            revoked_at: None,
+            previous_valid_until: None,
+        }
+    }
+
+    #[test]
+    fn a_compact_key_keeps_what_the_request_path_reads() {
+        let mut k = key();
+        k.allowed_ips = vec![ip::parse_rule("10.0.0.0/8").unwrap_or_default()];
+        k.blocked_ips = vec![ip::parse_rule("10.1.0.0/16").unwrap_or_default()];
+        k.endpoint = Some("chat".into());
+        k.remaining = Some(3);
+        k.refill = Some(Refill {
+            interval: RefillInterval::Seconds(60),
+            amount: 10,
+        });
+        k.credits_version = 4;
+        k.meta.insert("plan".into(), "gold".into());
+        k.revoked_at = Some(Timestamp::from_millis(2));
+        let until = SecretValidity {
+            valid_until: Some(Timestamp::from_millis(3)),
+        };
+        let c = CompactKey::new(k.clone(), Arc::from("pro"), until, Arc::new);
+        assert_eq!(c.id, k.id);
+        assert_eq!(c.profile.org_id, k.org_id);
+        assert_eq!(&*c.profile.org_tier, "pro");
+        assert_eq!(c.profile.project_id, k.project_id);
+        assert_eq!(c.profile.environment, Environment::Test);
+        assert_eq!(c.scopes(), k.scopes.as_slice());
+        assert_eq!(c.profile.created_by, "usr_x");
+        assert_eq!(c.expires_at, k.expires_at);
+        assert_eq!((c.quota_requests, c.quota_window), (7, 9));
+        assert_eq!(c.allowed_ips(), k.allowed_ips.as_slice());
+        assert_eq!(c.blocked_ips(), k.blocked_ips.as_slice());
+        assert_eq!(c.endpoint(), Some("chat"));
+        assert_eq!(c.remaining(), Some(3));
+        assert_eq!(c.refill(), k.refill.as_ref());
+        assert_eq!(c.credits_version(), 4);
+        assert_eq!(c.meta(), &k.meta);
+        assert_eq!(c.revoked_at(), k.revoked_at);
+        assert_eq!(c.secret_valid_until(), until.valid_until);
+    }
+
+    #[test]
+    fn a_plain_key_carries_no_extras_and_shares_its_profile() {
+        let shared = Arc::new(KeyProfile {
+            org_id: OrgId::generate(),
+            org_tier: Arc::from("free"),
+            project_id: ProjectId::generate(),
+            environment: Environment::Live,
+            scopes: vec![],
+            created_by: String::new(),
+        });
+        let c = CompactKey::new(
+            key(),
+            Arc::from("free"),
+            SecretValidity { valid_until: None },
+            |_| shared.clone(),
+        );
+        assert!(c.extras.is_none());
+        assert!(Arc::ptr_eq(&c.profile, &shared));
+        assert!(c.meta().is_empty() && c.allowed_ips().is_empty());
+        assert_eq!((c.remaining(), c.credits_version()), (None, 0));
     }
 }

@@ -88,6 +88,12 @@ strip_prefix = true
     let (key, secret) = lifecycle::create_key(&state, &actor, input)
         .await
         .unwrap_or_else(|e| unreachable!("{e}"));
+    let key = keyward_core::key::CompactKey::new(
+        key,
+        Arc::from("free"),
+        keyward_core::key::SecretValidity { valid_until: None },
+        Arc::new,
+    );
     let token = state
         .tokens
         .as_ref()

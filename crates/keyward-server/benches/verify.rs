@@ -4,14 +4,14 @@
 
 use std::hint::black_box;
 use std::net::IpAddr;
-use std::sync::Arc;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use keyward_core::Timestamp;
 use keyward_core::ids::{KeyId, OrgId, ProjectId};
 use keyward_core::key::{Access, ApiKey, SecretValidity, authorize};
 use keyward_core::key_format::{self, KeyFormat, KeyHash};
-use keyward_server::cache::{CacheSettings, CachedSecret, KeyCache, Lookup};
+use keyward_server::cache::{CacheSettings, KeyCache, Lookup};
+use keyward_store::KeyLookup;
 use secrecy::ExposeSecret;
 
 fn api_key() -> ApiKey {
@@ -59,11 +59,11 @@ fn verification(c: &mut Criterion) {
             let Lookup::Miss(epoch) = cache.lookup(&hash, now) else {
                 unreachable!()
             };
-            let cached = CachedSecret {
-                key: Arc::new(api_key()),
+            let cached = cache.compact(KeyLookup {
+                key: api_key(),
                 validity: SecretValidity { valid_until: None },
-                org_tier: Arc::from("free"),
-            };
+                org_tier: "free".into(),
+            });
             cache.fill(hash, Some(cached), epoch, now);
             headers.push(format!("Bearer {}", secret.expose_secret()).into_bytes());
         }
@@ -76,7 +76,7 @@ fn verification(c: &mut Criterion) {
                 let token = &header[7..];
                 assert!(key_format::is_well_formed(token, KeyFormat::default()));
                 let hash = KeyHash::of(token);
-                let Lookup::Hit(secret) = cache.lookup(&hash, now) else {
+                let Lookup::Hit(key) = cache.lookup(&hash, now) else {
                     unreachable!()
                 };
                 let access = Access {
@@ -84,7 +84,7 @@ fn verification(c: &mut Criterion) {
                     route: None,
                     required_scopes: &scopes,
                 };
-                black_box(authorize(&secret.key, secret.validity, access, now))
+                black_box(authorize(&key, access, now))
             })
         });
     }

@@ -5,13 +5,12 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use std::sync::Arc;
-
 use keyward_core::Timestamp;
 use keyward_core::ids::{KeyId, OrgId, ProjectId};
 use keyward_core::key::{ApiKey, SecretValidity};
 use keyward_core::key_format::{Environment, KeyHash};
-use keyward_server::cache::{CacheSettings, CachedSecret, KeyCache, Lookup};
+use keyward_server::cache::{CacheSettings, KeyCache, Lookup};
+use keyward_store::KeyLookup;
 
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
@@ -65,11 +64,12 @@ fn main() {
             revoked_at: None,
             previous_valid_until: None,
         };
-        let secret = CachedSecret {
-            key: Arc::new(key),
+        // As `keyward serve` fills it: a fresh record per key, the profile shared.
+        let secret = cache.compact(KeyLookup {
+            key,
             validity: SecretValidity { valid_until: None },
-            org_tier: Arc::from("free"),
-        };
+            org_tier: "free".into(),
+        });
         cache.fill(hash, Some(secret), epoch, now);
     }
     let after = rss_bytes();

@@ -7,7 +7,7 @@ use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, header};
 use keyward_core::ErrorCode;
-use keyward_core::key::{Access, ApiKey, authorize};
+use keyward_core::key::{Access, CompactKey, authorize};
 use keyward_core::key_format::{KeyHash, is_well_formed};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -71,7 +71,7 @@ fn trim_spaces(bytes: &[u8]) -> &[u8] {
 #[derive(Debug, Clone)]
 pub enum Subject {
     /// An API key (or an access token exchanged for one).
-    Key(Arc<ApiKey>),
+    Key(Arc<CompactKey>),
     /// A person, vouched for by a trusted frontend's proxy-auth JWT (internal listener only).
     User {
         user_id: String,
@@ -96,16 +96,16 @@ pub struct InternalListener;
 pub const PROXY_AUTH_HEADER: &str = "x-keyward-proxy-auth";
 
 impl Principal {
-    fn of_key(key: Arc<ApiKey>, client_ip: IpAddr, org_tier: Arc<str>) -> Self {
+    fn of_key(key: Arc<CompactKey>, client_ip: IpAddr) -> Self {
         Self {
-            org_id: key.org_id.clone(),
+            org_id: key.profile.org_id.clone(),
+            org_tier: key.profile.org_tier.clone(),
             subject: Subject::Key(key),
             client_ip,
-            org_tier,
         }
     }
 
-    pub fn key(&self) -> Option<&Arc<ApiKey>> {
+    pub fn key(&self) -> Option<&Arc<CompactKey>> {
         match &self.subject {
             Subject::Key(key) => Some(key),
             Subject::User { .. } => None,
@@ -126,24 +126,24 @@ impl Principal {
 
     pub fn scopes(&self) -> &[String] {
         match &self.subject {
-            Subject::Key(key) => &key.scopes,
+            Subject::Key(key) => key.scopes(),
             Subject::User { scopes, .. } => scopes,
         }
     }
 
     pub fn project_id(&self) -> Option<&str> {
         match &self.subject {
-            Subject::Key(key) => Some(key.project_id.as_str()),
+            Subject::Key(key) => Some(key.profile.project_id.as_str()),
             Subject::User { project_id, .. } => project_id.as_deref(),
         }
     }
 
     pub fn user_id(&self) -> Option<&str> {
         match &self.subject {
-            Subject::Key(key) => key
-                .created_by
-                .starts_with("usr_")
-                .then_some(key.created_by.as_str()),
+            Subject::Key(key) => {
+                let creator = key.profile.created_by.as_str();
+                creator.starts_with("usr_").then_some(creator)
+            }
             Subject::User { user_id, .. } => Some(user_id),
         }
     }
@@ -226,7 +226,7 @@ pub async fn verify_token(
     }
     let hash = KeyHash::of(token);
     let now = state.clock.now();
-    let Some(secret) = cache::resolve(&state.keys, &*state.store, &hash, now).await? else {
+    let Some(key) = cache::resolve(&state.keys, &*state.store, &hash, now).await? else {
         return Err(ApiError::new(ErrorCode::InvalidApiKey));
     };
     let access = Access {
@@ -234,11 +234,11 @@ pub async fn verify_token(
         route,
         required_scopes,
     };
-    match authorize(&secret.key, secret.validity, access, now) {
-        Ok(()) => Ok(Principal::of_key(secret.key, client_ip, secret.org_tier)),
+    match authorize(&key, access, now) {
+        Ok(()) => Ok(Principal::of_key(key, client_ip)),
         Err(code) => {
             if let Some(outcome) = Outcome::of(code) {
-                state.usage.record(&secret.key.id, outcome, now);
+                state.usage.record(&key.id, outcome, now);
             }
             Err(ApiError::new(code))
         }
@@ -261,8 +261,7 @@ async fn verify_jwt(
     let now = state.clock.now();
     let verified = tokens.verify_access(token, now)?;
     let claims = &verified.claims;
-    let Some(secret) = cache::resolve_id(&state.keys, &*state.store, &verified.key_id).await?
-    else {
+    let Some(key) = cache::resolve_id(&state.keys, &*state.store, &verified.key_id).await? else {
         return Err(invalid());
     };
     let access = Access {
@@ -270,7 +269,7 @@ async fn verify_jwt(
         route,
         required_scopes,
     };
-    let verdict = authorize(&secret.key, secret.validity, access, now).and_then(|()| {
+    let verdict = authorize(&key, access, now).and_then(|()| {
         if required_scopes.iter().all(|s| claims.scopes.contains(s)) {
             Ok(())
         } else {
@@ -278,10 +277,10 @@ async fn verify_jwt(
         }
     });
     match verdict {
-        Ok(()) => Ok(Principal::of_key(secret.key, client_ip, secret.org_tier)),
+        Ok(()) => Ok(Principal::of_key(key, client_ip)),
         Err(code) => {
             if let Some(outcome) = Outcome::of(code) {
-                state.usage.record(&secret.key.id, outcome, now);
+                state.usage.record(&key.id, outcome, now);
             }
             Err(ApiError::new(code))
         }

@@ -1,7 +1,8 @@
 //! The key cache: verifying a known key never touches storage.
 //!
-//! - Positive entries map a secret's SHA-256 to its key. The hashes come from CSPRNG secrets,
-//!   so the map uses their first bytes as the hash directly (no hashing on the hot path).
+//! - Positive entries map a secret's SHA-256 to its key in compact form ([`CompactKey`]: what
+//!   many keys share is held once). The hashes come from CSPRNG secrets, so the table uses
+//!   their first bytes as the hash directly (no hashing on the hot path).
 //! - Unknown hashes go to a bounded negative cache with a TTL. Those hashes are chosen by
 //!   clients, so that map uses a per-process seeded hasher: nobody can aim at one bucket.
 //! - Writes invalidate: the writer on this node calls [`KeyCache::invalidate`] before it
@@ -10,26 +11,24 @@
 //! - Concurrent misses on one hash share one store query (a cold cache after a start would
 //!   otherwise query a popular key once per request in flight).
 
+mod table;
+
+use std::collections::HashSet;
 use std::hash::{BuildHasher, Hasher};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use dashmap::DashMap;
+use hashbrown::HashTable;
 use keyward_core::Timestamp;
 use keyward_core::ids::KeyId;
-use keyward_core::key::{ApiKey, SecretValidity};
+use keyward_core::key::{CompactKey, KeyProfile};
 use keyward_core::key_format::KeyHash;
-use keyward_store::Store;
+use keyward_store::{KeyLookup, Store};
 
-/// A cached secret: the key it belongs to, how long this secret is valid, the org's tier.
-#[derive(Debug, Clone)]
-pub struct CachedSecret {
-    pub key: Arc<ApiKey>,
-    pub validity: SecretValidity,
-    pub org_tier: Arc<str>,
-}
+use table::{SecretTable, prefix};
 
-/// Uses the first 8 bytes of a SHA-256 as the hash.
+/// Uses the first 8 bytes of a SHA-256 as the hash (for maps keyed by digests of secrets).
 #[derive(Clone, Copy, Default)]
 pub struct PassThrough;
 
@@ -63,10 +62,14 @@ pub struct CacheSettings {
 }
 
 pub struct KeyCache {
-    positive: DashMap<KeyHash, CachedSecret, PassThrough>,
+    positive: SecretTable,
+    /// `(fingerprint of the key id, prefix of the hash)` of every positive entry: how an
+    /// invalidation finds a key's secrets.
+    owners: Mutex<HashTable<(u64, u64)>>,
+    fingerprints: foldhash::fast::RandomState,
     /// Keys by id, for JWTs (which name their key rather than carry its secret).
-    by_id: DashMap<KeyId, CachedSecret>,
-    hashes_by_key: DashMap<KeyId, Vec<KeyHash>>,
+    by_id: DashMap<KeyId, Arc<CompactKey>>,
+    profiles: Mutex<Profiles>,
     negative: DashMap<KeyHash, Timestamp, foldhash::fast::RandomState>,
     /// Store queries in flight, by hash. Client-chosen hashes too, hence the seeded hasher.
     loading: DashMap<KeyHash, Arc<Load>, foldhash::fast::RandomState>,
@@ -74,17 +77,43 @@ pub struct KeyCache {
     settings: CacheSettings,
 }
 
+/// The profiles cached keys share; pruned of unused ones whenever the set has doubled.
+#[derive(Default)]
+struct Profiles {
+    shared: HashSet<Arc<KeyProfile>>,
+    prune_at: usize,
+}
+
+impl Profiles {
+    fn intern(&mut self, profile: KeyProfile) -> Arc<KeyProfile> {
+        if let Some(shared) = self.shared.get(&profile) {
+            return shared.clone();
+        }
+        if self.shared.len() >= self.prune_at {
+            self.shared.retain(|p| Arc::strong_count(p) > 1);
+            self.prune_at = (self.shared.len() * 2).max(1024);
+        }
+        let shared = Arc::new(profile);
+        self.shared.insert(shared.clone());
+        shared
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// One store query for a hash, shared by the requests that missed it meanwhile.
 struct Load {
     /// The cache epoch when the query's first request missed: a request that missed later,
     /// after an invalidation, must not take an answer read before it.
     epoch: u64,
-    found: tokio::sync::OnceCell<Option<CachedSecret>>,
+    found: tokio::sync::OnceCell<Option<Arc<CompactKey>>>,
 }
 
 /// What the cache knows about a hash.
 pub enum Lookup {
-    Hit(CachedSecret),
+    Hit(Arc<CompactKey>),
     KnownUnknown,
     /// Not cached: load it, then [`KeyCache::fill`] with the epoch given here.
     Miss(u64),
@@ -93,9 +122,11 @@ pub enum Lookup {
 impl KeyCache {
     pub fn new(settings: CacheSettings) -> Self {
         Self {
-            positive: DashMap::with_hasher(PassThrough),
+            positive: SecretTable::new(),
+            owners: Mutex::new(HashTable::new()),
+            fingerprints: foldhash::fast::RandomState::default(),
             by_id: DashMap::new(),
-            hashes_by_key: DashMap::new(),
+            profiles: Mutex::default(),
             negative: DashMap::with_hasher(foldhash::fast::RandomState::default()),
             loading: DashMap::with_hasher(foldhash::fast::RandomState::default()),
             epoch: AtomicU64::new(0),
@@ -103,9 +134,19 @@ impl KeyCache {
         }
     }
 
+    /// The compact form of what the store found, sharing its profile with other keys.
+    pub fn compact(&self, found: KeyLookup) -> Arc<CompactKey> {
+        Arc::new(CompactKey::new(
+            found.key,
+            Arc::from(found.org_tier),
+            found.validity,
+            |profile| lock(&self.profiles).intern(profile),
+        ))
+    }
+
     pub fn lookup(&self, hash: &KeyHash, now: Timestamp) -> Lookup {
-        if let Some(entry) = self.positive.get(hash) {
-            return Lookup::Hit(entry.value().clone());
+        if let Some(key) = self.positive.get(hash) {
+            return Lookup::Hit(key);
         }
         let epoch = self.epoch.load(Ordering::Acquire);
         if let Some(until) = self.negative.get(hash).map(|e| *e.value()) {
@@ -117,22 +158,29 @@ impl KeyCache {
         Lookup::Miss(epoch)
     }
 
+    fn fingerprint(&self, key_id: &KeyId) -> u64 {
+        self.fingerprints.hash_one(key_id.as_str())
+    }
+
     /// Stores what the store said about `hash`, unless an invalidation happened meanwhile.
-    pub fn fill(&self, hash: KeyHash, found: Option<CachedSecret>, epoch: u64, now: Timestamp) {
+    pub fn fill(&self, hash: KeyHash, found: Option<Arc<CompactKey>>, epoch: u64, now: Timestamp) {
         if self.epoch.load(Ordering::Acquire) != epoch {
             return;
         }
         match found {
-            Some(secret) => {
-                let key_id = secret.key.id.clone();
-                self.positive.insert(hash, secret);
-                self.hashes_by_key
-                    .entry(key_id.clone())
-                    .or_default()
-                    .push(hash);
+            Some(key) => {
+                let fingerprint = self.fingerprint(&key.id);
+                let owner = (fingerprint, prefix(&hash));
+                self.positive.insert(hash, key.clone());
+                {
+                    let mut owners = lock(&self.owners);
+                    if owners.find(fingerprint, |o| *o == owner).is_none() {
+                        owners.insert_unique(fingerprint, owner, |&(f, _)| f);
+                    }
+                }
                 // Lost a race with an invalidation: drop what may be stale.
                 if self.epoch.load(Ordering::Acquire) != epoch {
-                    self.invalidate(&key_id);
+                    self.invalidate(&key.id);
                 }
             }
             None => {
@@ -166,18 +214,26 @@ impl KeyCache {
     pub fn invalidate(&self, key_id: &KeyId) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         self.by_id.remove(key_id);
-        if let Some((_, hashes)) = self.hashes_by_key.remove(key_id) {
-            for hash in hashes {
-                self.positive.remove(&hash);
+        let fingerprint = self.fingerprint(key_id);
+        let mut owners = lock(&self.owners);
+        // Another key with the same fingerprint keeps its entries: a collision only costs
+        // this loop a look at its secrets.
+        let mut others = Vec::new();
+        while let Ok(found) = owners.find_entry(fingerprint, |&(f, _)| f == fingerprint) {
+            let ((_, hash_prefix), _) = found.remove();
+            if self.positive.remove_secrets_of(hash_prefix, key_id) {
+                others.push(hash_prefix);
             }
+        }
+        for hash_prefix in others {
+            owners.insert_unique(fingerprint, (fingerprint, hash_prefix), |&(f, _)| f);
         }
     }
 
     /// Forgets the key that owns `hash`, if it is cached.
     pub fn invalidate_by_hash(&self, hash: &KeyHash) {
-        let owner = self.positive.get(hash).map(|e| e.key.id.clone());
-        if let Some(key_id) = owner {
-            self.invalidate(&key_id);
+        if let Some(key) = self.positive.get(hash) {
+            self.invalidate(&key.id);
         }
     }
 
@@ -212,18 +268,17 @@ pub async fn resolve_id(
     cache: &KeyCache,
     store: &dyn Store,
     id: &KeyId,
-) -> Result<Option<CachedSecret>, keyward_store::StoreError> {
+) -> Result<Option<Arc<CompactKey>>, keyward_store::StoreError> {
     if let Some(hit) = cache.by_id.get(id) {
         crate::metrics::key_cache_hit();
         return Ok(Some(hit.value().clone()));
     }
     crate::metrics::key_cache_miss();
     let epoch = cache.epoch.load(Ordering::Acquire);
-    let found = store.find_key_by_id(id).await?.map(|found| CachedSecret {
-        key: Arc::new(found.key),
-        validity: found.validity,
-        org_tier: Arc::from(found.org_tier),
-    });
+    let found = store
+        .find_key_by_id(id)
+        .await?
+        .map(|found| cache.compact(found));
     if let Some(secret) = &found
         && cache.epoch.load(Ordering::Acquire) == epoch
     {
@@ -241,7 +296,7 @@ pub async fn resolve(
     store: &dyn Store,
     hash: &KeyHash,
     now: Timestamp,
-) -> Result<Option<CachedSecret>, keyward_store::StoreError> {
+) -> Result<Option<Arc<CompactKey>>, keyward_store::StoreError> {
     match cache.lookup(hash, now) {
         Lookup::Hit(secret) => {
             crate::metrics::key_cache_hit();
@@ -263,11 +318,10 @@ pub async fn resolve(
             load.found
                 .get_or_try_init(|| async {
                     crate::metrics::key_cache_miss();
-                    let found = store.find_by_hash(hash).await?.map(|found| CachedSecret {
-                        key: Arc::new(found.key),
-                        validity: found.validity,
-                        org_tier: Arc::from(found.org_tier),
-                    });
+                    let found = store
+                        .find_by_hash(hash)
+                        .await?
+                        .map(|found| cache.compact(found));
                     cache.fill(*hash, found.clone(), load.epoch, now);
                     Ok::<_, keyward_store::StoreError>(found)
                 })
@@ -316,11 +370,25 @@ pub async fn follow_changes(
 mod tests {
     use super::*;
     use keyward_core::ids::{OrgId, ProjectId};
+    use keyward_core::key::{ApiKey, SecretValidity};
     use keyward_core::key_format::Environment;
 
-    fn key() -> Arc<ApiKey> {
-        Arc::new(ApiKey {
-            id: KeyId::generate(),
+    fn key() -> Arc<CompactKey> {
+        record(KeyId::generate(), SecretValidity { valid_until: None })
+    }
+
+    fn record(id: KeyId, validity: SecretValidity) -> Arc<CompactKey> {
+        Arc::new(CompactKey::new(
+            api_key(id),
+            Arc::from("free"),
+            validity,
+            Arc::new,
+        ))
+    }
+
+    fn api_key(id: KeyId) -> ApiKey {
+        ApiKey {
+            id,
             org_id: OrgId::generate(),
             project_id: ProjectId::generate(),
             name: String::new(),
@@ -342,7 +410,7 @@ mod tests {
             last_used_at: None,
             revoked_at: None,
             previous_valid_until: None,
-        })
+        }
     }
 
     fn cache(cap: usize) -> KeyCache {
@@ -362,16 +430,7 @@ mod tests {
             panic!("expected a miss")
         };
         let k = key();
-        c.fill(
-            h,
-            Some(CachedSecret {
-                key: k.clone(),
-                validity: SecretValidity { valid_until: None },
-                org_tier: Arc::from("free"),
-            }),
-            epoch,
-            NOW,
-        );
+        c.fill(h, Some(k.clone()), epoch, NOW);
         assert!(matches!(c.lookup(&h, NOW), Lookup::Hit(_)));
         c.invalidate(&k.id);
         assert!(matches!(c.lookup(&h, NOW), Lookup::Miss(_)));
@@ -386,16 +445,7 @@ mod tests {
         };
         let k = key();
         c.invalidate(&k.id);
-        c.fill(
-            h,
-            Some(CachedSecret {
-                key: k,
-                validity: SecretValidity { valid_until: None },
-                org_tier: Arc::from("free"),
-            }),
-            epoch,
-            NOW,
-        );
+        c.fill(h, Some(k), epoch, NOW);
         assert!(matches!(c.lookup(&h, NOW), Lookup::Miss(_)));
     }
 
@@ -438,5 +488,94 @@ mod tests {
         assert!(c.len().1 <= 100);
         let h = KeyHash::of(&999u32.to_le_bytes());
         assert!(matches!(c.lookup(&h, NOW.plus_secs(2)), Lookup::Miss(_)));
+    }
+
+    fn fill(c: &KeyCache, hash: KeyHash, key: &Arc<CompactKey>) {
+        let Lookup::Miss(epoch) = c.lookup(&hash, NOW) else {
+            panic!("expected a miss")
+        };
+        c.fill(hash, Some(key.clone()), epoch, NOW);
+    }
+
+    #[test]
+    fn invalidating_a_key_forgets_all_its_secrets_and_nothing_else() {
+        let c = cache(10);
+        let id = KeyId::generate();
+        let grace = SecretValidity {
+            valid_until: Some(NOW.plus_secs(60)),
+        };
+        let (current, previous, other) = (KeyHash::of(b"a"), KeyHash::of(b"b"), KeyHash::of(b"c"));
+        fill(
+            &c,
+            current,
+            &record(id.clone(), SecretValidity { valid_until: None }),
+        );
+        fill(&c, previous, &record(id.clone(), grace));
+        let other_key = key();
+        fill(&c, other, &other_key);
+        assert!(
+            matches!(c.lookup(&previous, NOW), Lookup::Hit(k) if k.secret_valid_until() == grace.valid_until)
+        );
+        // Filling a hash twice (two loads racing) keeps one reverse entry.
+        let epoch = c.epoch.load(Ordering::Acquire);
+        c.fill(other, Some(other_key.clone()), epoch, NOW);
+        assert_eq!(lock(&c.owners).len(), 3);
+
+        c.invalidate(&id);
+        assert!(matches!(c.lookup(&current, NOW), Lookup::Miss(_)));
+        assert!(matches!(c.lookup(&previous, NOW), Lookup::Miss(_)));
+        assert!(matches!(c.lookup(&other, NOW), Lookup::Hit(_)));
+        assert_eq!(c.len().0, 1);
+        assert_eq!(lock(&c.owners).len(), 1);
+        c.invalidate_by_hash(&other);
+        assert_eq!(c.len().0, 0);
+        assert!(lock(&c.owners).is_empty());
+    }
+
+    #[test]
+    fn two_keys_whose_hashes_share_a_prefix_are_told_apart() {
+        let table = table::SecretTable::new();
+        let (a, b) = (key(), key());
+        let mut second = [7u8; 32];
+        second[31] = 8;
+        let (ha, hb) = (KeyHash([7u8; 32]), KeyHash(second));
+        table.insert(ha, a.clone());
+        table.insert(hb, b.clone());
+        assert!(table.get(&ha).is_some_and(|k| Arc::ptr_eq(&k, &a)));
+        assert!(table.get(&hb).is_some_and(|k| Arc::ptr_eq(&k, &b)));
+        assert!(
+            table.remove_secrets_of(prefix(&ha), &a.id),
+            "b's secret remains"
+        );
+        assert!(table.get(&ha).is_none());
+        assert!(table.get(&hb).is_some());
+        assert!(!table.remove_secrets_of(prefix(&hb), &b.id));
+        assert_eq!(table.len(), 0);
+    }
+
+    #[test]
+    fn keys_with_equal_profiles_share_one_and_unused_profiles_are_pruned() {
+        let c = cache(10);
+        let org = OrgId::generate();
+        let project = ProjectId::generate();
+        let lookup = |scopes: Vec<String>| KeyLookup {
+            key: ApiKey {
+                org_id: org.clone(),
+                project_id: project.clone(),
+                scopes,
+                ..api_key(KeyId::generate())
+            },
+            validity: SecretValidity { valid_until: None },
+            org_tier: "free".into(),
+        };
+        let a = c.compact(lookup(vec!["x".into()]));
+        let b = c.compact(lookup(vec!["x".into()]));
+        let d = c.compact(lookup(vec!["y".into()]));
+        assert!(Arc::ptr_eq(&a.profile, &b.profile));
+        assert!(!Arc::ptr_eq(&a.profile, &d.profile));
+        drop((a, b, d));
+        lock(&c.profiles).prune_at = 0;
+        let _kept = c.compact(lookup(vec!["z".into()]));
+        assert_eq!(lock(&c.profiles).shared.len(), 1);
     }
 }

@@ -133,13 +133,13 @@ pub async fn verify(
                 "valid": true,
                 "code": "VALID",
                 "key_id": key.id,
-                "org_id": key.org_id,
-                "project_id": key.project_id,
-                "scopes": key.scopes,
+                "org_id": key.profile.org_id,
+                "project_id": key.profile.project_id,
+                "scopes": key.scopes(),
                 "expires_at": key.expires_at.map(|t| t.to_rfc3339()),
                 "ratelimit": ratelimit,
                 "remaining": credits_remaining,
-                "meta": key.meta,
+                "meta": key.meta(),
             })
         }
         Err(e) if matches!(e.code.status(), 401 | 403 | 429) => {

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use dashmap::DashMap;
 use keyward_core::ids::{KeyId, OrgId};
-use keyward_core::key::{ApiKey, Refill};
+use keyward_core::key::{CompactKey, Refill};
 use keyward_core::ratelimit::{self, Limit, SlidingLog, Verdict, ceil_secs};
 use keyward_core::{ErrorCode, Timestamp};
 use parking_lot::Mutex;
@@ -416,7 +416,7 @@ impl Limiter {
             .or_else(|| self.config.tiers.get("free"))
     }
 
-    pub fn plan(&self, key: &ApiKey, org_tier: &str, cost: u32) -> LimitPlan {
+    pub fn plan(&self, key: &CompactKey, org_tier: &str, cost: u32) -> LimitPlan {
         let mut limits = vec![(
             Policy::Key,
             Limit {
@@ -442,13 +442,13 @@ impl Limiter {
         }
         LimitPlan {
             key_id: Some(key.id.clone()),
-            org_id: key.org_id.clone(),
+            org_id: key.profile.org_id.clone(),
             limits,
             cost: u64::from(cost),
-            credits: key.remaining.map(|stored_remaining| CreditPlan {
+            credits: key.remaining().map(|stored_remaining| CreditPlan {
                 stored_remaining,
-                version: key.credits_version,
-                refill: key.refill.clone(),
+                version: key.credits_version(),
+                refill: key.refill().cloned(),
             }),
         }
     }

@@ -130,7 +130,7 @@ pub const IDENTITY_HEADER: &str = "x-keyward-identity";
 pub type IdentityHeaders = Arc<[(HeaderName, HeaderValue)]>;
 
 struct KeyIdentity {
-    key: Arc<keyward_core::key::ApiKey>,
+    key: Arc<keyward_core::key::CompactKey>,
     headers: IdentityHeaders,
     exp: i64,
 }
@@ -328,7 +328,7 @@ impl TokenService {
     /// A fresh access token for a verified key.
     pub fn issue_access(
         &self,
-        key: &keyward_core::key::ApiKey,
+        key: &keyward_core::key::CompactKey,
         now: Timestamp,
     ) -> ApiResult<String> {
         let iat = now.as_secs();
@@ -336,14 +336,15 @@ impl TokenService {
             iss: self.config.issuer.clone(),
             sub: key.id.to_string(),
             aud: self.config.audience.clone(),
-            org_id: key.org_id.to_string(),
+            org_id: key.profile.org_id.to_string(),
             user_id: key
+                .profile
                 .created_by
                 .starts_with("usr_")
-                .then(|| key.created_by.clone()),
-            project_id: key.project_id.to_string(),
+                .then(|| key.profile.created_by.clone()),
+            project_id: key.profile.project_id.to_string(),
             key_id: key.id.to_string(),
-            scopes: key.scopes.clone(),
+            scopes: key.scopes().to_vec(),
             iat,
             nbf: iat,
             exp: iat + i64::try_from(self.config.ttl_seconds).unwrap_or(900),
@@ -381,7 +382,7 @@ impl TokenService {
         now: Timestamp,
     ) -> ApiResult<IdentityHeaders> {
         let fresh = |exp: i64| exp - now.as_secs() >= IDENTITY_TTL_SECS / 2;
-        // A key's identity is found by the address of its cached `ApiKey` (immutable; a changed
+        // A key's identity is found by the address of its cached `CompactKey` (immutable; a changed
         // key is a new allocation), which the entry keeps alive so the address is not reused.
         if let Some(key) = principal.key() {
             let address = Arc::as_ptr(key) as usize;
