@@ -1,6 +1,7 @@
 //! Memory per cached key: RSS of a key cache holding N keys against an empty one, with the
 //! allocator `keyward serve` uses (mimalloc).
-//! `cargo run --release -p keyward-server --example cache_memory -- 1000000`
+//! `cargo run --release -p keyward-server --example cache_memory -- 1000000 [distinct]`
+//! (`distinct`: every key in a project of its own, so no two keys share a profile).
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -27,6 +28,7 @@ fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(1_000_000);
+    let distinct = std::env::args().nth(2).is_some_and(|a| a == "distinct");
     let now = Timestamp::from_millis(1_800_000_000_000);
     let org = OrgId::generate();
     let project = ProjectId::generate();
@@ -43,7 +45,11 @@ fn main() {
         let key = ApiKey {
             id: KeyId::generate(),
             org_id: org.clone(),
-            project_id: project.clone(),
+            project_id: if distinct {
+                ProjectId::generate()
+            } else {
+                project.clone()
+            },
             name: "CI pipeline".into(),
             environment: Environment::Live,
             hint: "kw_live_…a1b2".into(),
