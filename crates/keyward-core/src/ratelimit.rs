@@ -6,9 +6,19 @@
 //! has room. A unit spent at `t` counts for every `now` with `t > now - window`, i.e. it frees
 //! up exactly at `t + window`, which is what `retry_after` reports.
 //!
+//! That holds while a window has seen at most [`EXACT_ENTRIES`] distinct milliseconds with
+//! spending. Beyond, so that a huge limit cannot make a log grow with traffic (an hour at
+//! 10⁹ would keep up to 3.6 million entries), units spent within `window / EXACT_ENTRIES` of
+//! the newest entry join it and count as spent at the later time: the log stays under twice
+//! that many entries, still never admits more than `limit` in any window, and may refuse (or
+//! report a wait) at most `window / EXACT_ENTRIES` longer than the exact rule.
+//!
 //! Several limits are decided together by [`decide`]: all are charged or none.
 
 use std::collections::VecDeque;
+
+/// Entries a log keeps exactly; see the module documentation.
+pub const EXACT_ENTRIES: usize = 1024;
 
 /// One limit: `limit` units per rolling `window_ms`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,15 +103,33 @@ impl SlidingLog {
     }
 
     /// Charges `cost` units at `now` (after a positive [`check`](Self::check)).
-    pub fn charge(&mut self, cost: u64, now: i64) {
+    pub fn charge(&mut self, cost: u64, now: i64, window_ms: i64) {
         if cost == 0 {
             return;
         }
+        let join_within = if self.entries.len() >= EXACT_ENTRIES {
+            (window_ms / EXACT_ENTRIES as i64).max(1)
+        } else {
+            1
+        };
         match self.entries.back_mut() {
-            Some((t, units)) if *t == now => *units += cost,
+            // Joining moves the entry later, never earlier: its units free up no sooner.
+            Some((t, units)) if now - *t < join_within => {
+                *t = (*t).max(now);
+                *units += cost;
+            }
             _ => self.entries.push_back((now, cost)),
         }
         self.used += cost;
+    }
+
+    /// Entries kept (for tests and memory accounting).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
     }
 
     pub fn used(&self) -> u64 {
@@ -123,8 +151,8 @@ pub fn decide(logs: &mut [(&mut SlidingLog, Limit)], cost: u64, now: i64) -> (bo
         .collect();
     let allowed = verdicts.iter().all(|v| v.allowed);
     if allowed {
-        for (log, _) in logs.iter_mut() {
-            log.charge(cost, now);
+        for (log, limit) in logs.iter_mut() {
+            log.charge(cost, now, limit.window_ms);
         }
     }
     (allowed, verdicts)
@@ -189,7 +217,7 @@ mod tests {
         let mut log = SlidingLog::default();
         for t in [0, 10, 20] {
             assert!(log.check(L, 1, t).allowed);
-            log.charge(1, t);
+            log.charge(1, t, L.window_ms);
         }
         let refused = log.check(L, 1, 999);
         assert!(!refused.allowed);
@@ -274,7 +302,7 @@ mod tests {
                 // Allowed exactly when the brute-force count has room.
                 prop_assert_eq!(v.allowed, before + cost <= limit);
                 if v.allowed {
-                    log.charge(cost, now);
+                    log.charge(cost, now, window);
                     admitted.push((now, cost));
                     prop_assert_eq!(v.remaining, limit - before - cost);
                 } else if cost <= limit {
@@ -289,5 +317,58 @@ mod tests {
                 prop_assert!(units_in_window(&admitted, now, window) <= limit);
             }
         }
+    }
+
+    proptest! {
+        // Each case runs thousands of steps against the brute-force count.
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        /// With limits too large to ever fill, a log still stays bounded, never admits more
+        /// than the limit, and its waits are enough.
+        #[test]
+        fn large_limits_keep_the_log_bounded_and_never_over_admit(
+            limit in 500u64..4_000,
+            window in 1_000i64..30_000,
+            gaps in prop::collection::vec((0i64..12, 1u64..3), 1_500..4_000),
+        ) {
+            let lim = Limit { limit, window_ms: window };
+            let mut log = SlidingLog::default();
+            let mut admitted: Vec<(i64, u64)> = vec![];
+            let mut now = 0;
+            for (gap, cost) in gaps {
+                now += gap;
+                let v = log.check(lim, cost, now);
+                if v.allowed {
+                    log.charge(cost, now, window);
+                    admitted.push((now, cost));
+                } else {
+                    let wait = v.retry_after_ms.unwrap_or(0);
+                    prop_assert!(units_in_window(&admitted, now + wait, window) + cost <= limit);
+                }
+                prop_assert!(units_in_window(&admitted, now, window) <= limit);
+                prop_assert!(log.used() >= units_in_window(&admitted, now, window));
+                prop_assert!(log.len() <= 2 * EXACT_ENTRIES + 1, "{} entries", log.len());
+            }
+        }
+    }
+
+    #[test]
+    fn a_huge_limit_does_not_grow_the_log_with_traffic() {
+        let hour = Limit {
+            limit: 1_000_000_000,
+            window_ms: 3_600_000,
+        };
+        let mut log = SlidingLog::default();
+        // A unit every millisecond for ten minutes.
+        for now in 0..600_000 {
+            assert!(log.check(hour, 1, now).allowed);
+            log.charge(1, now, hour.window_ms);
+        }
+        assert_eq!(log.used(), 600_000);
+        // 1,024 exact entries, then one per 3.5 s (window / 1,024).
+        assert!(
+            log.len() <= EXACT_ENTRIES + 600_000 / 3_515 + 1,
+            "{}",
+            log.len()
+        );
     }
 }

@@ -84,7 +84,7 @@ fn decisions(c: &mut Criterion) {
             t += 1;
             let v = log.check(limit, 1, t);
             if v.allowed {
-                log.charge(1, t);
+                log.charge(1, t, limit.window_ms);
             }
             black_box(v)
         })

@@ -311,11 +311,12 @@ impl MemoryBackend {
             credits.dirty = true;
             credits_remaining = Some(credits.remaining);
         }
-        for (policy, _) in &plan.limits {
+        for (policy, limit) in &plan.limits {
+            let window = limit.window_ms;
             match policy {
-                Policy::Key => key.log.charge(plan.cost, t),
-                Policy::OrgMinute => org.minute.charge(plan.cost, t),
-                Policy::OrgHour => org.hour.charge(plan.cost, t),
+                Policy::Key => key.log.charge(plan.cost, t, window),
+                Policy::OrgMinute => org.minute.charge(plan.cost, t, window),
+                Policy::OrgHour => org.hour.charge(plan.cost, t, window),
             }
         }
         Ok(LimitReport {
