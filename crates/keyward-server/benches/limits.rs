@@ -9,7 +9,7 @@ use keyward_core::ids::{KeyId, OrgId};
 use keyward_core::ratelimit::{Limit, SlidingLog};
 use keyward_server::limits::{LimitPlan, MemoryBackend, Policy};
 
-fn plan(key_id: KeyId, org_id: OrgId) -> LimitPlan {
+fn plan<'a>(key_id: &'a KeyId, org_id: &'a OrgId) -> LimitPlan<'a> {
     LimitPlan {
         key_id: Some(key_id),
         org_id,
@@ -43,7 +43,8 @@ fn plan(key_id: KeyId, org_id: OrgId) -> LimitPlan {
 
 fn decisions(c: &mut Criterion) {
     let backend = MemoryBackend::default();
-    let hot = plan(KeyId::generate(), OrgId::generate());
+    let (hot_key, hot_org) = (KeyId::generate(), OrgId::generate());
+    let hot = plan(&hot_key, &hot_org);
     // Time advances 1 ms per decision: every decision appends to each window.
     let mut t = 1_800_000_000_000i64;
     c.bench_function("memory decision, 3 limits, 1 key", |b| {
@@ -53,18 +54,17 @@ fn decisions(c: &mut Criterion) {
         })
     });
 
-    let many: Vec<LimitPlan> = (0..10_000)
+    let ids: Vec<(KeyId, OrgId)> = (0..10_000)
         .map(|i| {
-            plan(
-                KeyId::generate(),
-                if i % 10 == 0 {
-                    OrgId::generate()
-                } else {
-                    hot.org_id.clone()
-                },
-            )
+            let org = if i % 10 == 0 {
+                OrgId::generate()
+            } else {
+                hot_org.clone()
+            };
+            (KeyId::generate(), org)
         })
         .collect();
+    let many: Vec<LimitPlan> = ids.iter().map(|(key, org)| plan(key, org)).collect();
     let mut i = 0;
     c.bench_function("memory decision, 3 limits, 10k keys", |b| {
         b.iter(|| {

@@ -7,6 +7,7 @@ use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, header};
 use keyward_core::ErrorCode;
+use keyward_core::ids::OrgId;
 use keyward_core::key::{Access, CompactKey, authorize};
 use keyward_core::key_format::{KeyHash, is_well_formed};
 use std::net::IpAddr;
@@ -77,6 +78,8 @@ pub enum Subject {
         user_id: String,
         project_id: Option<String>,
         scopes: Vec<String>,
+        org_id: OrgId,
+        org_tier: Arc<str>,
     },
 }
 
@@ -84,9 +87,7 @@ pub enum Subject {
 #[derive(Debug, Clone)]
 pub struct Principal {
     pub subject: Subject,
-    pub org_id: keyward_core::ids::OrgId,
     pub client_ip: IpAddr,
-    pub org_tier: Arc<str>,
 }
 
 /// Marks requests that came in on `server.internal_listen`, where proxy-auth JWTs count.
@@ -98,10 +99,23 @@ pub const PROXY_AUTH_HEADER: &str = "x-keyward-proxy-auth";
 impl Principal {
     fn of_key(key: Arc<CompactKey>, client_ip: IpAddr) -> Self {
         Self {
-            org_id: key.profile.org_id.clone(),
-            org_tier: key.profile.org_tier.clone(),
             subject: Subject::Key(key),
             client_ip,
+        }
+    }
+
+    /// Read through the key's shared profile: nothing is copied per request.
+    pub fn org_id(&self) -> &OrgId {
+        match &self.subject {
+            Subject::Key(key) => &key.profile.org_id,
+            Subject::User { org_id, .. } => org_id,
+        }
+    }
+
+    pub fn org_tier(&self) -> &str {
+        match &self.subject {
+            Subject::Key(key) => &key.profile.org_tier,
+            Subject::User { org_tier, .. } => org_tier,
         }
     }
 
@@ -192,7 +206,7 @@ async fn verify_proxy_auth(
     if !required_scopes.iter().all(|s| claims.scopes.contains(s)) {
         return Err(ApiError::new(ErrorCode::InsufficientScope));
     }
-    let org_id = keyward_core::ids::OrgId::parse(&claims.org_id).ok_or_else(invalid)?;
+    let org_id = OrgId::parse(&claims.org_id).ok_or_else(invalid)?;
     let org_tier = match state.store.get_org(&org_id).await {
         Ok(org) => Arc::from(org.tier),
         Err(keyward_store::StoreError::NotFound) => return Err(invalid()),
@@ -203,10 +217,10 @@ async fn verify_proxy_auth(
             user_id: claims.sub,
             project_id: claims.project_id,
             scopes: claims.scopes,
+            org_id,
+            org_tier,
         },
-        org_id,
         client_ip,
-        org_tier,
     })
 }
 
@@ -301,10 +315,10 @@ pub struct Admission {
 pub async fn admit(state: &AppState, principal: &Principal, cost: u32) -> ApiResult<Admission> {
     let now = state.clock.now();
     let plan = match principal.key() {
-        Some(key) => state.limiter.plan(key, &principal.org_tier, cost),
+        Some(key) => state.limiter.plan(key, cost),
         None => state
             .limiter
-            .plan_for_org(&principal.org_id, &principal.org_tier, cost),
+            .plan_for_org(principal.org_id(), principal.org_tier(), cost),
     };
     let report = state.limiter.decide(&plan, now).await?;
     let headers = report.headers(state.config.ratelimit.draft_headers);

@@ -20,10 +20,10 @@ use crate::error::ApiError;
 
 /// The limits that apply to one request, in reporting order.
 #[derive(Debug, Clone)]
-pub struct LimitPlan {
+pub struct LimitPlan<'a> {
     /// The key whose quota and credits apply (none for a proxy-authenticated user).
-    pub key_id: Option<KeyId>,
-    pub org_id: OrgId,
+    pub key_id: Option<&'a KeyId>,
+    pub org_id: &'a OrgId,
     pub limits: Vec<(Policy, Limit)>,
     pub cost: u64,
     pub credits: Option<CreditPlan>,
@@ -157,7 +157,11 @@ pub struct BackendError(pub String);
 
 #[async_trait]
 pub trait LimitBackend: Send + Sync + 'static {
-    async fn decide(&self, plan: &LimitPlan, now: Timestamp) -> Result<LimitReport, BackendError>;
+    async fn decide(
+        &self,
+        plan: &LimitPlan<'_>,
+        now: Timestamp,
+    ) -> Result<LimitReport, BackendError>;
     /// Live credit counts that changed since the last call: `(key, version, remaining)`.
     fn dirty_credits(&self) -> Vec<(KeyId, i64, i64)>;
     /// Drops state nobody needs any more.
@@ -249,15 +253,15 @@ impl MemoryBackend {
     /// Decides on this node's memory (synchronous: no I/O).
     pub fn decide_now(
         &self,
-        plan: &LimitPlan,
+        plan: &LimitPlan<'_>,
         now: Timestamp,
     ) -> Result<LimitReport, BackendError> {
         let t = now.as_millis();
-        let key_entry = match &plan.key_id {
+        let key_entry = match plan.key_id {
             Some(key_id) => Some(get_or_create(&self.keys, key_id)?),
             None => None,
         };
-        let org_entry = get_or_create(&self.orgs, &plan.org_id)?;
+        let org_entry = get_or_create(&self.orgs, plan.org_id)?;
         // Lock order: key, then organisation, then credits — the same everywhere.
         let mut key_guard = key_entry.as_ref().map(|entry| entry.lock());
         let mut org = org_entry.lock();
@@ -288,7 +292,7 @@ impl MemoryBackend {
         }
         let cost = i64::try_from(plan.cost).unwrap_or(i64::MAX);
         let mut credits_remaining = None;
-        if let (Some(credit_plan), Some(key_id)) = (&plan.credits, &plan.key_id) {
+        if let (Some(credit_plan), Some(key_id)) = (&plan.credits, plan.key_id) {
             let entry = match self.credits.get(key_id) {
                 Some(entry) => entry,
                 None => {
@@ -326,11 +330,15 @@ impl MemoryBackend {
         })
     }
 
-    fn peek_credits(&self, plan: &LimitPlan, now: Timestamp) -> Result<Option<i64>, BackendError> {
+    fn peek_credits(
+        &self,
+        plan: &LimitPlan<'_>,
+        now: Timestamp,
+    ) -> Result<Option<i64>, BackendError> {
         let Some(credit_plan) = &plan.credits else {
             return Ok(None);
         };
-        let Some(key_id) = &plan.key_id else {
+        let Some(key_id) = plan.key_id else {
             return Ok(None);
         };
         match self.credits.get(key_id) {
@@ -346,7 +354,11 @@ impl MemoryBackend {
 
 #[async_trait]
 impl LimitBackend for MemoryBackend {
-    async fn decide(&self, plan: &LimitPlan, now: Timestamp) -> Result<LimitReport, BackendError> {
+    async fn decide(
+        &self,
+        plan: &LimitPlan<'_>,
+        now: Timestamp,
+    ) -> Result<LimitReport, BackendError> {
         self.decide_now(plan, now)
     }
 
@@ -417,7 +429,7 @@ impl Limiter {
             .or_else(|| self.config.tiers.get("free"))
     }
 
-    pub fn plan(&self, key: &CompactKey, org_tier: &str, cost: u32) -> LimitPlan {
+    pub fn plan<'a>(&self, key: &'a CompactKey, cost: u32) -> LimitPlan<'a> {
         let mut limits = vec![(
             Policy::Key,
             Limit {
@@ -425,7 +437,7 @@ impl Limiter {
                 window_ms: i64::from(key.quota_window) * 1000,
             },
         )];
-        if let Some(tier) = self.tier(org_tier) {
+        if let Some(tier) = self.tier(&key.profile.org_tier) {
             limits.push((
                 Policy::OrgMinute,
                 Limit {
@@ -442,8 +454,8 @@ impl Limiter {
             ));
         }
         LimitPlan {
-            key_id: Some(key.id.clone()),
-            org_id: key.profile.org_id.clone(),
+            key_id: Some(&key.id),
+            org_id: &key.profile.org_id,
             limits,
             cost: u64::from(cost),
             credits: key.remaining().map(|stored_remaining| CreditPlan {
@@ -455,7 +467,7 @@ impl Limiter {
     }
 
     /// The organisation's tier limits alone (a proxy-authenticated user has no key quota).
-    pub fn plan_for_org(&self, org_id: &OrgId, org_tier: &str, cost: u32) -> LimitPlan {
+    pub fn plan_for_org<'a>(&self, org_id: &'a OrgId, org_tier: &str, cost: u32) -> LimitPlan<'a> {
         let limits = self
             .tier(org_tier)
             .map(|tier| {
@@ -479,7 +491,7 @@ impl Limiter {
             .unwrap_or_default();
         LimitPlan {
             key_id: None,
-            org_id: org_id.clone(),
+            org_id,
             limits,
             cost: u64::from(cost),
             credits: None,
@@ -501,7 +513,11 @@ impl Limiter {
     }
 
     /// Decides; on a backend failure follows `ratelimit.on_backend_error`.
-    pub async fn decide(&self, plan: &LimitPlan, now: Timestamp) -> Result<LimitReport, ApiError> {
+    pub async fn decide(
+        &self,
+        plan: &LimitPlan<'_>,
+        now: Timestamp,
+    ) -> Result<LimitReport, ApiError> {
         if !self.backing_off() {
             match self.backend.decide(plan, now).await {
                 Ok(report) => return Ok(report),
@@ -536,35 +552,37 @@ mod tests {
     #[test]
     fn idle_state_is_evicted_and_live_state_kept() {
         let backend = MemoryBackend::default();
-        let plan = |key: &KeyId, org: &OrgId| LimitPlan {
-            key_id: Some(key.clone()),
-            org_id: org.clone(),
-            limits: vec![
-                (
-                    Policy::Key,
-                    Limit {
-                        limit: 10,
-                        window_ms: 1_000,
-                    },
-                ),
-                (
-                    Policy::OrgMinute,
-                    Limit {
-                        limit: 100,
-                        window_ms: 60_000,
-                    },
-                ),
-                (
-                    Policy::OrgHour,
-                    Limit {
-                        limit: 1000,
-                        window_ms: 3_600_000,
-                    },
-                ),
-            ],
-            cost: 1,
-            credits: None,
-        };
+        fn plan<'a>(key: &'a KeyId, org: &'a OrgId) -> LimitPlan<'a> {
+            LimitPlan {
+                key_id: Some(key),
+                org_id: org,
+                limits: vec![
+                    (
+                        Policy::Key,
+                        Limit {
+                            limit: 10,
+                            window_ms: 1_000,
+                        },
+                    ),
+                    (
+                        Policy::OrgMinute,
+                        Limit {
+                            limit: 100,
+                            window_ms: 60_000,
+                        },
+                    ),
+                    (
+                        Policy::OrgHour,
+                        Limit {
+                            limit: 1000,
+                            window_ms: 3_600_000,
+                        },
+                    ),
+                ],
+                cost: 1,
+                credits: None,
+            }
+        }
         let (k1, k2, org) = (KeyId::generate(), KeyId::generate(), OrgId::generate());
         let t0 = Timestamp::from_millis(1_000_000);
         assert!(

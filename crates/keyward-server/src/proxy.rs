@@ -96,7 +96,7 @@ pub fn identity_headers(principal: &Principal) -> Vec<(HeaderName, HeaderValue)>
             out.push((HeaderName::from_static(name), v));
         }
     };
-    push("x-keyward-org-id", principal.org_id.as_str());
+    push("x-keyward-org-id", principal.org_id().as_str());
     if let Some(project) = principal.project_id() {
         push("x-keyward-project-id", project);
     }

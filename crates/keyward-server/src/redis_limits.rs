@@ -190,12 +190,12 @@ impl RedisBackend {
 
     /// Names of the slotted windows (hashes). Earlier builds kept sorted sets under other names
     /// (`:k:`, `:om`, `:oh`), so a rolling upgrade meets no key of the wrong type.
-    fn redis_key(plan: &LimitPlan, policy: Policy) -> String {
+    fn redis_key(plan: &LimitPlan<'_>, policy: Policy) -> String {
         let org = plan.org_id.as_str();
         match policy {
             Policy::Key => format!(
                 "kw:{{{org}}}:key:{}",
-                plan.key_id.as_ref().map(KeyId::as_str).unwrap_or_default()
+                plan.key_id.map(KeyId::as_str).unwrap_or_default()
             ),
             Policy::OrgMinute => format!("kw:{{{org}}}:minute"),
             Policy::OrgHour => format!("kw:{{{org}}}:hour"),
@@ -205,7 +205,11 @@ impl RedisBackend {
 
 #[async_trait]
 impl LimitBackend for RedisBackend {
-    async fn decide(&self, plan: &LimitPlan, now: Timestamp) -> Result<LimitReport, BackendError> {
+    async fn decide(
+        &self,
+        plan: &LimitPlan<'_>,
+        now: Timestamp,
+    ) -> Result<LimitReport, BackendError> {
         let mut conn = self.connection()?;
         let mut invocation = self.script.prepare_invoke();
         for (policy, _) in &plan.limits {
@@ -220,7 +224,7 @@ impl LimitBackend for RedisBackend {
                 invocation.key(format!(
                     "kw:{{{}}}:c:{}",
                     plan.org_id,
-                    plan.key_id.as_ref().map(KeyId::as_str).unwrap_or_default()
+                    plan.key_id.map(KeyId::as_str).unwrap_or_default()
                 ));
                 let (refill, period) = match &credits.refill {
                     Some(r) => (
@@ -271,7 +275,7 @@ impl LimitBackend for RedisBackend {
             .collect();
         let credits_remaining = plan.credits.as_ref().map(|_| out[1]);
         if let (Some(credits), Some(remaining), Some(key_id)) =
-            (&plan.credits, credits_remaining, &plan.key_id)
+            (&plan.credits, credits_remaining, plan.key_id)
         {
             self.credits_seen
                 .insert(key_id.clone(), (credits.version, remaining));

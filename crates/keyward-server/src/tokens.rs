@@ -148,7 +148,7 @@ impl CachedIdentity {
     /// Still this caller's identity (a user's proxy-auth claims may change between requests).
     fn describes(&self, principal: &Principal) -> bool {
         self.scopes.as_slice() == principal.scopes()
-            && self.org_id == principal.org_id.as_str()
+            && self.org_id == principal.org_id().as_str()
             && self.project_id.as_deref() == principal.project_id()
     }
 }
@@ -360,7 +360,7 @@ impl TokenService {
             iss: self.config.issuer.clone(),
             sub: principal.actor_id(),
             aud: format!("{}-upstream", self.config.audience),
-            org_id: principal.org_id.to_string(),
+            org_id: principal.org_id().to_string(),
             user_id: principal.user_id().map(str::to_owned),
             project_id: principal.project_id().map(str::to_owned),
             key_id: principal.key().map(|k| k.id.to_string()),
@@ -414,7 +414,7 @@ impl TokenService {
         self.identities.insert(
             who.to_owned(),
             CachedIdentity {
-                org_id: principal.org_id.to_string(),
+                org_id: principal.org_id().to_string(),
                 project_id: principal.project_id().map(str::to_owned),
                 scopes: principal.scopes().to_vec(),
                 headers: headers.clone(),

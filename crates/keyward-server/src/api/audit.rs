@@ -16,6 +16,6 @@ pub async fn list(
     ApiQuery(query): ApiQuery<PageQuery>,
 ) -> ApiResult<Response> {
     let page = query.to_request(|c| AuditId::parse(c).is_some())?;
-    let entries = state.store.list_audit(&principal.org_id, &page).await?;
+    let entries = state.store.list_audit(principal.org_id(), &page).await?;
     Ok(Json(ListView::from_page(&entries, AuditView::new)).into_response())
 }

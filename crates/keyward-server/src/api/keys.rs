@@ -22,7 +22,7 @@ use crate::state::AppState;
 fn actor(Management(principal): &Management) -> Actor {
     Actor {
         id: principal.actor_id(),
-        org_id: principal.org_id.clone(),
+        org_id: principal.org_id().clone(),
         ip: Some(principal.client_ip),
     }
 }
@@ -66,7 +66,7 @@ pub async fn list(
     Management(principal): Management,
     ApiQuery(query): ApiQuery<ListQuery>,
 ) -> ApiResult<Response> {
-    let org = &principal.org_id;
+    let org = principal.org_id();
     let page = PageQuery {
         limit: query.limit,
         cursor: query.cursor,
@@ -105,7 +105,7 @@ pub async fn show(
     Management(principal): Management,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    let key = lifecycle::get_key(&state, &principal.org_id, &id).await?;
+    let key = lifecycle::get_key(&state, principal.org_id(), &id).await?;
     Ok(Json(KeyView::new(&key, state.clock.now())).into_response())
 }
 
@@ -180,7 +180,7 @@ pub async fn usage(
     Path(id): Path<String>,
     ApiQuery(query): ApiQuery<UsageQuery>,
 ) -> ApiResult<Response> {
-    let org = &principal.org_id;
+    let org = principal.org_id();
     let key = lifecycle::get_key(&state, org, &id).await?;
     let now = state.clock.now();
     let parse = |raw: &Option<String>, param: &str| -> ApiResult<Option<Timestamp>> {

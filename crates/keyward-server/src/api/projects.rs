@@ -18,7 +18,7 @@ pub async fn list(
     ApiQuery(query): ApiQuery<PageQuery>,
 ) -> ApiResult<Response> {
     let page = query.to_request(|c| ProjectId::parse(c).is_some())?;
-    let projects = state.store.list_projects(&principal.org_id, &page).await?;
+    let projects = state.store.list_projects(principal.org_id(), &page).await?;
     Ok(Json(ListView::from_page(&projects, ProjectView::new)).into_response())
 }
 
@@ -29,7 +29,7 @@ pub async fn create(
 ) -> ApiResult<Response> {
     let actor = Actor {
         id: principal.actor_id(),
-        org_id: principal.org_id.clone(),
+        org_id: principal.org_id().clone(),
         ip: Some(principal.client_ip),
     };
     let project = lifecycle::create_project(&state, &actor, input).await?;
@@ -40,6 +40,6 @@ pub async fn org(
     State(state): State<AppState>,
     Management(principal): Management,
 ) -> ApiResult<Response> {
-    let org = state.store.get_org(&principal.org_id).await?;
+    let org = state.store.get_org(principal.org_id()).await?;
     Ok(Json(OrgView::new(&org)).into_response())
 }
