@@ -4,6 +4,7 @@
 
 use std::sync::{Arc, PoisonError, RwLock};
 
+use crossbeam_utils::CachePadded;
 use hashbrown::HashTable;
 use hashbrown::hash_table::Entry;
 use keyward_core::ids::KeyId;
@@ -18,7 +19,9 @@ pub fn prefix(hash: &KeyHash) -> u64 {
     u64::from_le_bytes(first)
 }
 
-type Shard = RwLock<HashTable<(KeyHash, Arc<CompactKey>)>>;
+/// Padded to a cache line of its own: every lookup writes its shard's lock word, and two
+/// workers reading neighbouring shards would otherwise bounce one line between cores.
+type Shard = CachePadded<RwLock<HashTable<(KeyHash, Arc<CompactKey>)>>>;
 
 pub struct SecretTable {
     shards: Box<[Shard]>,
@@ -30,7 +33,9 @@ impl SecretTable {
             .map_or(4, |n| n.get() * 4)
             .next_power_of_two();
         Self {
-            shards: (0..shards).map(|_| RwLock::new(HashTable::new())).collect(),
+            shards: (0..shards)
+                .map(|_| CachePadded::new(RwLock::new(HashTable::new())))
+                .collect(),
         }
     }
 
