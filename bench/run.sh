@@ -165,3 +165,9 @@ for s in $SCENARIOS; do
   ratio=$(awk -v a="$rps" -v b="$nginx_rps" 'BEGIN { printf "%.2f", a / b }')
   printf "| %s. %s | %.0f | %.2f | %.2f | %s | %s | %s |\n" "$s" "${NAME[$s]}" "$rps" "$p50" "$p99" "$ratio" "$bad" "$cpu"
 done
+if [[ " $SCENARIOS " == *" f "* ]]; then
+  # What the limit windows of every f round hold in Redis (the hour window keeps them all).
+  mem=$(redis-cli -p 19005 info memory | tr -d '\r' | awk -F: '/^used_memory_human:/ {u=$2} /^used_memory_peak_human:/ {p=$2} END {print u " (peak " p ")"}')
+  echo
+  echo "Redis after the f rounds: used_memory $mem, $(redis-cli -p 19005 dbsize | tr -d '\r') keys"
+fi
