@@ -98,13 +98,17 @@ impl UsageRecorder {
             .collect()
     }
 
-    /// Takes every count so far; keys with nothing left are dropped (a later request makes a
-    /// new entry).
+    /// Takes every count so far. A key keeps its entry while it is in use (re-creating it
+    /// after every flush would copy its id and take a shard's write lock per busy key); one
+    /// with nothing since the last flush is dropped.
     fn drain(&self) -> (Vec<UsageRow>, Vec<(KeyId, Timestamp)>) {
         let mut rows = Vec::new();
         let mut last_used = Vec::new();
         self.keys.retain(|key, usage| {
-            for (minute, counts) in std::mem::take(&mut *usage.minutes.lock()) {
+            let minutes = std::mem::take(&mut *usage.minutes.lock());
+            let at = usage.last_used.swap(0, Ordering::AcqRel);
+            let idle = minutes.is_empty() && at == 0;
+            for (minute, counts) in minutes {
                 if !counts.is_zero() {
                     rows.push(UsageRow {
                         key_id: key.clone(),
@@ -113,11 +117,10 @@ impl UsageRecorder {
                     });
                 }
             }
-            let at = usage.last_used.swap(0, Ordering::AcqRel);
             if at > 0 {
                 last_used.push((key.clone(), Timestamp::from_millis(at)));
             }
-            false
+            !idle
         });
         (rows, last_used)
     }
@@ -176,5 +179,31 @@ mod tests {
         let (again, _) = r.drain();
         assert!(again.is_empty());
         assert!(r.pending(&k).is_empty());
+    }
+
+    #[test]
+    fn entries_of_keys_in_use_outlive_a_flush_and_idle_ones_go() {
+        let r = UsageRecorder::default();
+        let (busy, idle) = (KeyId::generate(), KeyId::generate());
+        let t = Timestamp::from_millis(120_000);
+        r.record(&busy, Outcome::Allowed, t);
+        r.record(&idle, Outcome::Allowed, t);
+        assert_eq!(r.drain().0.len(), 2);
+        assert_eq!(
+            r.keys.len(),
+            2,
+            "a flush keeps the entries of keys just used"
+        );
+        r.record(&busy, Outcome::RateLimited, t.plus_secs(1));
+        let (rows, last) = r.drain();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].key_id, busy);
+        assert_eq!(rows[0].counts.rate_limited, 1);
+        assert!(last.is_empty(), "a refused request is no use");
+        assert!(r.keys.contains_key(&busy));
+        assert!(
+            !r.keys.contains_key(&idle),
+            "idle for a whole period: dropped"
+        );
     }
 }

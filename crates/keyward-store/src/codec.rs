@@ -2,6 +2,8 @@
 //! The two schemas have the same tables and columns, so one decoder per type serves both; only
 //! the SQL text and the placeholders differ between `sqlite.rs` and `postgres.rs`.
 
+use std::collections::BTreeMap;
+
 use ipnet::IpNet;
 use keyward_core::Timestamp;
 use keyward_core::ids::{AuditId, KeyId, OrgId, ProjectId, UserId};
@@ -210,4 +212,34 @@ pub(crate) fn usage_from_row(row: &impl Columns, key: &KeyId) -> StoreResult<Usa
             rate_limited: count(row.int("rate_limited")?),
         },
     })
+}
+
+/// A usage flush, merged: counts per (key, minute) and the latest use per key. Sorted, so
+/// concurrent flushes touch rows in the same order, and without duplicates, which a multi-row
+/// upsert may not contain in PostgreSQL (and one upsert after another would add them up).
+pub(crate) struct MergedUsage<'a> {
+    pub counts: BTreeMap<(&'a str, i64), UsageCounts>,
+    pub last_used: BTreeMap<&'a str, i64>,
+}
+
+pub(crate) fn merge_usage<'a>(
+    rows: &'a [UsageRow],
+    last_used: &'a [(KeyId, Timestamp)],
+) -> MergedUsage<'a> {
+    let mut counts: BTreeMap<(&str, i64), UsageCounts> = BTreeMap::new();
+    for row in rows {
+        counts
+            .entry((row.key_id.as_str(), row.minute.as_millis()))
+            .or_default()
+            .add(&row.counts);
+    }
+    let mut latest: BTreeMap<&str, i64> = BTreeMap::new();
+    for (key_id, at) in last_used {
+        let entry = latest.entry(key_id.as_str()).or_insert(i64::MIN);
+        *entry = (*entry).max(at.as_millis());
+    }
+    MergedUsage {
+        counts,
+        last_used: latest,
+    }
 }

@@ -26,12 +26,13 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgConnection, PgPool, Row};
 
 use crate::codec::{
-    audit_from_row, ips_to_json, key_from_row, map_err, org_from_row, paginate, project_from_row,
-    signing_key_from_row, sql_count, to_json, ts, usage_from_row, user_from_row,
+    MergedUsage, audit_from_row, ips_to_json, key_from_row, map_err, merge_usage, org_from_row,
+    paginate, project_from_row, signing_key_from_row, sql_count, to_json, ts, usage_from_row,
+    user_from_row,
 };
 use crate::{
     AuditEntry, Bootstrap, KeyFilter, KeyLookup, Org, Page, PageRequest, Project, RevokeOutcome,
-    Role, Rotation, SigningKeyRecord, Store, StoreError, StoreResult, UsageCounts, UsageRow, User,
+    Role, Rotation, SigningKeyRecord, Store, StoreError, StoreResult, UsageRow, User,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -660,20 +661,11 @@ impl Store for PgStore {
         rows: &[UsageRow],
         last_used: &[(KeyId, Timestamp)],
     ) -> StoreResult<()> {
-        // One statement per table whatever the batch size, rows merged (as one upsert after
-        // another would add them up) and sorted, so concurrent flushes lock in the same order.
-        let mut merged: BTreeMap<(&str, i64), UsageCounts> = BTreeMap::new();
-        for row in rows {
-            merged
-                .entry((row.key_id.as_str(), row.minute.as_millis()))
-                .or_default()
-                .add(&row.counts);
-        }
-        let mut latest: BTreeMap<&str, i64> = BTreeMap::new();
-        for (key_id, at) in last_used {
-            let entry = latest.entry(key_id.as_str()).or_insert(i64::MIN);
-            *entry = (*entry).max(at.as_millis());
-        }
+        // One statement per table whatever the batch size.
+        let MergedUsage {
+            counts: merged,
+            last_used: latest,
+        } = merge_usage(rows, last_used);
         let mut tx = self.pool.begin().await.map_err(map_err)?;
         if !merged.is_empty() {
             let (mut keys, mut minutes) = (Vec::new(), Vec::new());

@@ -546,3 +546,71 @@ pub async fn usage_batches_add_up(store: Arc<dyn Store>) {
             .is_empty()
     );
 }
+
+/// A flush of more rows than one statement takes (SQLite writes them in chunks), with the
+/// same (key, minute) twice in one batch and two keys' last use.
+pub async fn large_usage_batches_are_written_whole(store: Arc<dyn Store>) {
+    use keyward_store::{UsageCounts, UsageRow};
+    let (org, project, k) = seeded(&store).await;
+    let other = key(&org.id, &project.id);
+    store
+        .create_key(&other, &hash(2), &audit(&org.id, "key.created", T0))
+        .await
+        .unwrap();
+    let first = Timestamp::from_millis(T0.as_millis() / 60_000 * 60_000);
+    const MINUTES: i64 = 2_500;
+    let counts = |n: u64| UsageCounts {
+        allowed: n,
+        unauthorized: 0,
+        forbidden: 0,
+        rate_limited: 1,
+    };
+    let mut rows: Vec<UsageRow> = (0..MINUTES)
+        .map(|m| UsageRow {
+            key_id: k.id.clone(),
+            minute: first.plus_secs(60 * m),
+            counts: counts(u64::try_from(m).unwrap() + 1),
+        })
+        .collect();
+    rows.push(UsageRow {
+        key_id: k.id.clone(),
+        minute: first,
+        counts: counts(10),
+    });
+    rows.push(UsageRow {
+        key_id: other.id.clone(),
+        minute: first,
+        counts: counts(7),
+    });
+    let last_used = [
+        (k.id.clone(), T0.plus_secs(9)),
+        (other.id.clone(), T0.plus_secs(3)),
+        (k.id.clone(), T0.plus_secs(4)),
+    ];
+    store.record_usage(&rows, &last_used).await.unwrap();
+    let end = first.plus_secs(60 * MINUTES);
+    let written = store.usage(&org.id, &k.id, first, end).await.unwrap();
+    assert_eq!(written.len(), 2_500);
+    assert_eq!(
+        written[0].counts,
+        UsageCounts {
+            allowed: 11,
+            rate_limited: 2,
+            ..counts(0)
+        }
+    );
+    for (m, row) in written.iter().enumerate().skip(1) {
+        assert_eq!(row.minute, first.plus_secs(60 * i64::try_from(m).unwrap()));
+        assert_eq!(row.counts, counts(u64::try_from(m).unwrap() + 1));
+    }
+    let theirs = store.usage(&org.id, &other.id, first, end).await.unwrap();
+    assert_eq!(theirs.len(), 1);
+    assert_eq!(theirs[0].counts, counts(7));
+    let got = |id| {
+        let store = store.clone();
+        let org = org.id.clone();
+        async move { store.get_key(&org, &id).await.unwrap().last_used_at }
+    };
+    assert_eq!(got(k.id.clone()).await, Some(T0.plus_secs(9)));
+    assert_eq!(got(other.id.clone()).await, Some(T0.plus_secs(3)));
+}

@@ -75,4 +75,5 @@ store_contract!(
     unique_slugs_conflict,
     key_changes_are_fed_in_order,
     usage_batches_add_up,
+    large_usage_batches_are_written_whole,
 );
