@@ -75,15 +75,35 @@ struct IdentityClaims {
     jti: String,
 }
 
-/// PKCS#8 v1 wrapping of an Ed25519 seed (RFC 8410), what `EncodingKey::from_ed_der` takes.
-fn ed25519_pkcs8(seed: &[u8; 32]) -> Vec<u8> {
-    const PREFIX: [u8; 16] = [
-        0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
-        0x20,
-    ];
-    let mut der = PREFIX.to_vec();
-    der.extend_from_slice(seed);
-    der
+/// The key tokens are signed with.
+enum Signer {
+    Hs256(EncodingKey),
+    /// Kept expanded: `jsonwebtoken::encode` parses a PKCS#8 key and derives its public half
+    /// (a scalar multiplication) on every call, 41 µs per identity token against 19 µs.
+    Ed25519(Box<ed25519_dalek::SigningKey>),
+}
+
+impl Signer {
+    fn sign<T: Serialize>(&self, header: &Header, claims: &T) -> ApiResult<String> {
+        match self {
+            Self::Hs256(key) => {
+                jsonwebtoken::encode(header, claims, key).map_err(ApiError::internal)
+            }
+            Self::Ed25519(key) => {
+                use ed25519_dalek::Signer as _;
+                let header = serde_json::to_vec(header).map_err(ApiError::internal)?;
+                let claims = serde_json::to_vec(claims).map_err(ApiError::internal)?;
+                let mut token = String::with_capacity(512);
+                URL_SAFE_NO_PAD.encode_string(header, &mut token);
+                token.push('.');
+                URL_SAFE_NO_PAD.encode_string(claims, &mut token);
+                let signature = key.sign(token.as_bytes());
+                token.push('.');
+                URL_SAFE_NO_PAD.encode_string(signature.to_bytes(), &mut token);
+                Ok(token)
+            }
+        }
+    }
 }
 
 struct Verifier {
@@ -94,7 +114,7 @@ struct Verifier {
 }
 
 struct Keys {
-    signing: Option<(String, EncodingKey)>,
+    signing: Option<(String, Signer)>,
     verifiers: HashMap<String, Verifier>,
 }
 
@@ -245,7 +265,10 @@ impl TokenService {
         match self.config.algorithm {
             TokenAlgorithm::HS256 => {
                 let secret = self.config.hs256_secret.clone().unwrap_or_default();
-                keys.signing = Some(("hs256".into(), EncodingKey::from_secret(secret.as_bytes())));
+                keys.signing = Some((
+                    "hs256".into(),
+                    Signer::Hs256(EncodingKey::from_secret(secret.as_bytes())),
+                ));
                 keys.verifiers.insert(
                     "hs256".into(),
                     Verifier {
@@ -286,7 +309,7 @@ impl TokenService {
                             .map_err(|_| crate::master_key::MasterKeyError::Decrypt)?;
                         keys.signing = Some((
                             record.kid.clone(),
-                            EncodingKey::from_ed_der(&ed25519_pkcs8(&seed)),
+                            Signer::Ed25519(Box::new(ed25519_dalek::SigningKey::from_bytes(&seed))),
                         ));
                     }
                 }
@@ -322,7 +345,7 @@ impl TokenService {
         let mut header = Header::new(self.algorithm);
         header.kid = Some(kid.clone());
         header.typ = Some(typ.to_owned());
-        jsonwebtoken::encode(&header, claims, key).map_err(ApiError::internal)
+        key.sign(&header, claims)
     }
 
     /// A fresh access token for a verified key.
@@ -568,4 +591,47 @@ impl TokenService {
 /// A bearer value that is a JWT rather than a key: keys never contain dots.
 pub fn looks_like_jwt(token: &[u8]) -> bool {
     token.starts_with(b"eyJ") && token.iter().filter(|&&b| b == b'.').count() == 2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// PKCS#8 v1 wrapping of an Ed25519 seed (RFC 8410), what `EncodingKey::from_ed_der` takes.
+    fn pkcs8(seed: &[u8; 32]) -> Vec<u8> {
+        let mut der = vec![
+            0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22,
+            0x04, 0x20,
+        ];
+        der.extend_from_slice(seed);
+        der
+    }
+
+    #[test]
+    fn a_prepared_ed25519_key_signs_what_jsonwebtoken_signs() {
+        let seed = [7u8; 32];
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some("sig_1".into());
+        header.typ = Some(IDENTITY_TYP.into());
+        let claims = json!({"sub": "key_1", "scopes": ["a", "b"], "exp": 4_000_000_000_i64});
+        let prepared = Signer::Ed25519(Box::new(ed25519_dalek::SigningKey::from_bytes(&seed)))
+            .sign(&header, &claims)
+            .unwrap();
+        // Ed25519 signatures are deterministic: the same bytes, or the encoding differs.
+        let reference =
+            jsonwebtoken::encode(&header, &claims, &EncodingKey::from_ed_der(&pkcs8(&seed)))
+                .unwrap();
+        assert_eq!(prepared, reference);
+        let public = ed25519_dalek::SigningKey::from_bytes(&seed).verifying_key();
+        let mut validation = Validation::new(Algorithm::EdDSA);
+        validation.validate_aud = false;
+        let decoded = jsonwebtoken::decode::<serde_json::Value>(
+            &prepared,
+            &DecodingKey::from_ed_der(public.as_bytes()),
+            &validation,
+        )
+        .unwrap();
+        assert_eq!(decoded.claims, claims);
+        assert_eq!(decoded.header.kid.as_deref(), Some("sig_1"));
+    }
 }
