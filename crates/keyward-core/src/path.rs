@@ -10,6 +10,8 @@
 //! Matching compares segments case-insensitively and ignores trailing dots, so `/ADMIN./x`
 //! is held to the same route (and scopes) as `/admin/x`.
 
+use std::borrow::Cow;
+
 /// Why a path was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PathError {
@@ -51,8 +53,39 @@ fn fully_decoded(segment: &str) -> Vec<u8> {
     out
 }
 
-/// Normalises the path part of a request target (no query).
-pub fn normalize(path: &str) -> Result<String, PathError> {
+/// True when `path` is its own normal form: absolute, printable ASCII without `%` or `\\`,
+/// no empty segment but a trailing one, no dot-segment. Nearly every request's path is.
+fn is_normal(path: &str) -> bool {
+    let Some(rest) = path.strip_prefix('/') else {
+        return false;
+    };
+    let printable = |b: u8| (0x21..0x7f).contains(&b) && b != b'%' && b != b'\\';
+    if !rest.bytes().all(printable) {
+        return false;
+    }
+    let mut segments = rest.split('/').peekable();
+    while let Some(segment) = segments.next() {
+        let last = segments.peek().is_none();
+        match segment {
+            "." | ".." => return false,
+            // Only the last segment may be empty: a trailing slash.
+            "" if !last => return false,
+            _ => {}
+        }
+    }
+    true
+}
+
+/// Normalises the path part of a request target (no query); borrows a path that is normal
+/// already.
+pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
+    if is_normal(path) {
+        return Ok(Cow::Borrowed(path));
+    }
+    normalize_slowly(path).map(Cow::Owned)
+}
+
+fn normalize_slowly(path: &str) -> Result<String, PathError> {
     if !path.starts_with('/') {
         return Err(PathError::NotAbsolute);
     }
@@ -147,20 +180,17 @@ pub fn specificity(route_prefix: &str) -> usize {
     route_prefix.split('/').filter(|s| !s.is_empty()).count()
 }
 
-/// The path with the first `specificity(route_prefix)` segments removed, for `strip_prefix`.
-pub fn strip(route_prefix: &str, path: &str) -> String {
+/// The path with the first `specificity(route_prefix)` segments removed, for `strip_prefix`:
+/// a suffix of the (normalised) `path`, or `/` when nothing is left.
+pub fn strip<'a>(route_prefix: &str, path: &'a str) -> &'a str {
     let skip = specificity(route_prefix);
-    let rest: Vec<&str> = path
-        .split('/')
-        .filter(|s| !s.is_empty())
-        .skip(skip)
-        .collect();
-    let mut out = String::from("/");
-    out.push_str(&rest.join("/"));
-    if path.ends_with('/') && !rest.is_empty() {
-        out.push('/');
+    // A normalised path has no empty segment but a trailing one: the rest starts at the
+    // slash before segment `skip + 1`.
+    let mut slashes = path.bytes().enumerate().filter(|&(_, b)| b == b'/');
+    match slashes.nth(skip) {
+        Some((at, _)) if at + 1 < path.len() => &path[at..],
+        _ => "/",
     }
-    out
 }
 
 #[cfg(test)]
@@ -168,7 +198,7 @@ mod tests {
     use super::*;
 
     fn n(p: &str) -> Result<String, PathError> {
-        normalize(p)
+        normalize(p).map(Cow::into_owned)
     }
 
     #[test]
@@ -217,5 +247,54 @@ mod tests {
         assert_eq!(strip("/echo/", "/echo"), "/");
         assert_eq!(strip("/echo/", "/echo/"), "/");
         assert_eq!(strip("/echo/", "/echo/a/"), "/a/");
+        assert_eq!(strip("/", "/a/b"), "/a/b");
+        assert_eq!(strip("/", "/"), "/");
+        assert_eq!(
+            strip("/v1/chat/", "/v1/chat/completions/x"),
+            "/completions/x"
+        );
+    }
+
+    #[test]
+    fn normal_paths_are_borrowed() {
+        for path in ["/", "/a", "/a/b/", "/v1/chat/completions", "/a.b/.c/~d_-"] {
+            assert!(
+                matches!(normalize(path), Ok(Cow::Borrowed(p)) if p == path),
+                "{path}"
+            );
+        }
+        for path in [
+            "//a", "/a//b", "/a/./b", "/a/..", "/a/.", "/%61", "/a b", "/a\\b", "/é",
+        ] {
+            assert!(!is_normal(path), "{path}");
+        }
+    }
+
+    proptest::proptest! {
+        /// The shortcut agrees with the full normalisation on every path it takes.
+        #[test]
+        fn the_shortcut_changes_nothing(path in proptest::prop_oneof![
+            "/[a./]{0,12}",
+            "/[a./%2eE\\\\ \\x00~é-]{0,12}",
+        ]) {
+            let full = normalize_slowly(&path);
+            if is_normal(&path) {
+                proptest::prop_assert_eq!(full.as_deref(), Ok(path.as_str()));
+            }
+            proptest::prop_assert_eq!(normalize(&path).map(Cow::into_owned), full);
+        }
+
+        /// Stripping keeps the segments after the prefix, and a trailing slash with them.
+        #[test]
+        fn stripping_drops_whole_segments(path in "/[ab/]{0,10}", skip in 0usize..3) {
+            let path = normalize(&path).unwrap().into_owned();
+            let prefix = "/p".repeat(skip) + "/";
+            let rest: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).skip(skip).collect();
+            let mut want = format!("/{}", rest.join("/"));
+            if path.ends_with('/') && !rest.is_empty() {
+                want.push('/');
+            }
+            proptest::prop_assert_eq!(strip(&prefix, &path), want.as_str());
+        }
     }
 }

@@ -17,6 +17,7 @@ use crate::cache;
 use crate::config::AuthConfig;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::ClientIp;
+use crate::limits::LimitReport;
 use crate::state::AppState;
 use crate::usage::Outcome;
 
@@ -302,12 +303,23 @@ async fn verify_jwt(
 }
 
 /// What an admitted request carries forward.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Admission {
-    /// Rate-limit headers every authenticated answer gets.
-    pub headers: axum::http::HeaderMap,
+    report: LimitReport,
+    draft_headers: bool,
     /// Live credits left, for keys with credits.
     pub credits_remaining: Option<i64>,
+}
+
+impl Admission {
+    /// Sets the rate-limit headers every authenticated answer gets.
+    pub fn write_headers(&self, headers: &mut axum::http::HeaderMap) {
+        self.report.write_headers(self.draft_headers, headers);
+    }
+
+    pub fn headers(&self) -> axum::http::HeaderMap {
+        self.report.headers(self.draft_headers)
+    }
 }
 
 /// Steps 6 and 7: limits and credits for an authenticated request of `cost` units. Counts the
@@ -321,7 +333,7 @@ pub async fn admit(state: &AppState, principal: &Principal, cost: u32) -> ApiRes
             .plan_for_org(principal.org_id(), principal.org_tier(), cost),
     };
     let report = state.limiter.decide(&plan, now).await?;
-    let headers = report.headers(state.config.ratelimit.draft_headers);
+    let draft_headers = state.config.ratelimit.draft_headers;
     let record = |outcome| {
         if let Some(key) = principal.key() {
             state.usage.record(&key.id, outcome, now);
@@ -331,13 +343,14 @@ pub async fn admit(state: &AppState, principal: &Principal, cost: u32) -> ApiRes
         None => {
             record(Outcome::Allowed);
             Ok(Admission {
-                headers,
                 credits_remaining: report.credits_remaining,
+                report,
+                draft_headers,
             })
         }
         Some(mut error) => {
             record(Outcome::RateLimited);
-            error.headers = Some(Box::new(headers));
+            error.headers = Some(Box::new(report.headers(draft_headers)));
             Err(error)
         }
     }

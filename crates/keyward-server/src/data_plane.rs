@@ -1,6 +1,7 @@
 //! The gateway: every request that is not keyward's own API goes through the decision order
 //! of DESIGN.md section 2 and, when allowed, to its route's upstream.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -30,7 +31,7 @@ pub fn is_trusted(state: &AppState, peer: std::net::IpAddr) -> bool {
         .any(|net| net.contains(&peer))
 }
 
-pub fn normalized_path(raw: &str) -> ApiResult<String> {
+pub fn normalized_path(raw: &str) -> ApiResult<Cow<'_, str>> {
     path::normalize(raw).map_err(|_| {
         ApiError::new(ErrorCode::InvalidRequest)
             .with_param("path")
@@ -57,7 +58,9 @@ pub async fn route_and_forward(
     req: Request,
     request_id: Option<&RequestId>,
 ) -> Response {
-    let path = match normalized_path(req.uri().path()) {
+    // The request moves on to the upstream; its path (a shared buffer) stays readable here.
+    let uri = req.uri().clone();
+    let path = match normalized_path(uri.path()) {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
@@ -65,7 +68,8 @@ pub async fn route_and_forward(
         return ApiError::new(ErrorCode::RouteNotFound).into_response();
     };
     let label = RouteLabel(route.name.clone());
-    let mut response = match decide_and_forward(state, client, req, route, path, request_id).await {
+    let mut response = match decide_and_forward(state, client, req, route, &path, request_id).await
+    {
         Ok(response) => response,
         Err(error) => error.into_response(),
     };
@@ -78,7 +82,7 @@ async fn decide_and_forward(
     client: &ClientConn,
     req: Request,
     route: &crate::routes::Route,
-    path: String,
+    path: &str,
     request_id: Option<&RequestId>,
 ) -> ApiResult<Response> {
     let ip = client_ip(
@@ -97,7 +101,7 @@ async fn decide_and_forward(
     .await?;
     let admission = admit(state, &principal, route.cost).await?;
     let upstream_path = if route.strip_prefix {
-        path::strip(&route.prefix, &path)
+        path::strip(&route.prefix, path)
     } else {
         path
     };
@@ -109,6 +113,6 @@ async fn decide_and_forward(
         request_id,
     };
     let mut response = proxy::forward(state, forward, req).await;
-    response.headers_mut().extend(admission.headers);
+    admission.write_headers(response.headers_mut());
     Ok(response)
 }

@@ -60,7 +60,7 @@ pub async fn check(
     let cost = route.map(|r| r.cost).unwrap_or(1);
     let admission = admit(state, &principal, cost).await?;
     let mut response = StatusCode::OK.into_response();
-    response.headers_mut().extend(admission.headers);
+    admission.write_headers(response.headers_mut());
     insert_identity(state, &principal, response.headers_mut());
     if let Some(route) = route {
         response
@@ -114,7 +114,7 @@ pub async fn verify(
         Ok(principal) => match admit(&state, &principal, cost).await {
             Ok(admission) => (
                 Ok((principal, admission.credits_remaining)),
-                admission.headers,
+                admission.headers(),
             ),
             Err(mut e) => {
                 let headers = e.headers.take().map(|h| *h).unwrap_or_default();

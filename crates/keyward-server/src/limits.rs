@@ -84,8 +84,14 @@ impl LimitReport {
     /// `RateLimit` reports the binding one).
     pub fn headers(&self, draft: bool) -> HeaderMap {
         let mut h = HeaderMap::new();
+        self.write_headers(draft, &mut h);
+        h
+    }
+
+    /// [`Self::headers`] written straight into a response's map (replacing any upstream's).
+    pub fn write_headers(&self, draft: bool, h: &mut HeaderMap) {
         let Some((policy, v)) = self.binding() else {
-            return h;
+            return;
         };
         const LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
         const REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
@@ -123,7 +129,6 @@ impl LimitReport {
         if let Some(secs) = self.retry_after_secs() {
             h.insert(axum::http::header::RETRY_AFTER, HeaderValue::from(secs));
         }
-        h
     }
 
     /// The 429 for a refused request, with `retry_after` in the body when retrying helps.

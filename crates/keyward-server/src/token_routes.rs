@@ -57,7 +57,7 @@ pub async fn exchange(
         "expires_in": tokens.ttl_seconds(),
     }))
     .into_response();
-    response.headers_mut().extend(admission.headers);
+    admission.write_headers(response.headers_mut());
     response
         .headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
