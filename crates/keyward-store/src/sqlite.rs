@@ -634,7 +634,7 @@ impl Store for SqliteStore {
                     .push_bind(sql_count(counts.rate_limited));
             });
             insert.push(
-                " ON CONFLICT (key_id, minute) DO UPDATE SET \
+                " ON CONFLICT (minute, key_id) DO UPDATE SET \
                  allowed = allowed + excluded.allowed, \
                  unauthorized = unauthorized + excluded.unauthorized, \
                  forbidden = forbidden + excluded.forbidden, \
