@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Instructions per proxied request, counted by callgrind: the A/B signal that this machine's
+# wall-clock noise (±15% between rounds) cannot give. Starts an nginx `return 200` upstream
+# and the release keyward under `valgrind --tool=callgrind`, creates NKEYS keys, warms up
+# (every key cached), zeroes the counters, drives WARM/MEASURE seconds of `wrk -t1 -c8`,
+# dumps, and divides by the requests keyward counted in /metrics. Prints the total and the
+# heaviest keyward functions (inclusive). Under valgrind SHA-256 runs its portable code and
+# Ed25519 its serial backend, so both weigh more than on the CPU; compare builds, not
+# absolute figures.
+# Usage: bench/callgrind.sh   (NKEYS=500 WARM=20 MEASURE=20 URL_PATH=/bench/x to change;
+#        URL_PATH=/v1/auth counts forward-auth). Installs valgrind, wrk and nginx when missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NKEYS=${NKEYS:-500}
+WARM=${WARM:-20}
+MEASURE=${MEASURE:-20}
+URL_PATH=${URL_PATH:-/bench/x}
+
+missing=()
+command -v valgrind >/dev/null || missing+=(valgrind)
+command -v wrk >/dev/null || missing+=(wrk)
+command -v nginx >/dev/null || missing+=(nginx-light)
+if [ ${#missing[@]} -gt 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+cargo build --release -p keyward >&2
+BIN=$PWD/target/release/keyward
+RUN=$(mktemp -d /tmp/keyward-callgrind.XXXXXX)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
+. bench/common.sh
+
+sed "s#__RUN__#$RUN#g" bench/nginx-upstream.conf > "$RUN/upstream.conf"
+nginx -c "$RUN/upstream.conf" -p "$RUN" & pids+=($!)
+wait_port 19000
+mkdir -p "$RUN/kw"
+keyward_config 19001 19011 > "$RUN/kw/keyward.toml"
+(cd "$RUN/kw" && exec valgrind --tool=callgrind --callgrind-out-file="$RUN/callgrind.out" \
+  "$BIN" serve > out.log 2> err.log) & pids+=($!)
+for _ in $(seq 1 600); do (echo >/dev/tcp/127.0.0.1/19001) 2>/dev/null && break; sleep 0.1; done
+ADMIN=$(grep -E '^kw_' "$RUN/kw/err.log")
+python3 bench/make_keys.py 127.0.0.1:19001 "$ADMIN" "$NKEYS" "$RUN/keys.txt"
+
+extra=""
+[ "$URL_PATH" = /v1/auth ] && extra="X-Forwarded-Uri: /bench/x"
+load() { KEYS_FILE="$RUN/keys.txt" EXTRA_HEADER="$extra" wrk -t1 -c8 -d"$1"s -s bench/keys.lua "http://127.0.0.1:19001$URL_PATH" > /dev/null; }
+served() { curl -s 127.0.0.1:19011/metrics | awk '/^keyward_requests_total\{/ && /status="200"/ {s += $2} END {print s + 0}'; }
+load "$WARM"
+callgrind_control -z > /dev/null
+before=$(served)
+load "$MEASURE"
+after=$(served)
+callgrind_control -d > /dev/null
+sleep 1
+requests=$((after - before))
+dump=$(ls -t "$RUN"/callgrind.out.* | head -1)
+echo "$requests requests with status 200 in ${MEASURE}s ($URL_PATH, $NKEYS keys)"
+callgrind_annotate --inclusive=yes --threshold=100 "$dump" 2>/dev/null |
+  grep -v '=>' | grep -E '^ *[0-9,]+ ' | grep -E 'PROGRAM TOTALS|keyward_(server|core)::' |
+  awk -v n="$requests" '{c = $1; gsub(",", "", c); $1 = ""; $2 = ""; sub(/^ +/, ""); sub(/ \[.*$/, ""); sub(/^[^:]*:/, ""); if (!seen[$0]++) printf "%8.0f  %s\n", c / n, $0}' |
+  head -"${TOP:-25}"
+echo "instructions per request, inclusive; callgrind data: $dump"
