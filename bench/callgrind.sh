@@ -16,13 +16,8 @@ WARM=${WARM:-20}
 MEASURE=${MEASURE:-20}
 URL_PATH=${URL_PATH:-/bench/x}
 
-missing=()
-command -v valgrind >/dev/null || missing+=(valgrind)
-command -v wrk >/dev/null || missing+=(wrk)
-command -v nginx >/dev/null || missing+=(nginx-light)
-if [ ${#missing[@]} -gt 0 ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+. bench/common.sh
+install_missing valgrind:valgrind wrk:wrk nginx:nginx-light
 
 cargo build --release -p keyward >&2
 BIN=$PWD/target/release/keyward
@@ -30,11 +25,7 @@ RUN=$(mktemp -d /tmp/keyward-callgrind.XXXXXX)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
-. bench/common.sh
-
-sed "s#__RUN__#$RUN#g" bench/nginx-upstream.conf > "$RUN/upstream.conf"
-nginx -c "$RUN/upstream.conf" -p "$RUN" & pids+=($!)
-wait_port 19000
+start_upstream
 mkdir -p "$RUN/kw"
 keyward_config 19001 19011 > "$RUN/kw/keyward.toml"
 (cd "$RUN/kw" && exec valgrind --tool=callgrind --callgrind-out-file="$RUN/callgrind.out" \

@@ -9,8 +9,8 @@ cd "$(dirname "$0")/.."
 MODE=${1:-proxy}
 SECS=${SECONDS_:-15}
 NKEYS=${NKEYS:-10000}
-command -v perf >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-perf >/dev/null; }
-command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light >/dev/null; }
+. bench/common.sh
+install_missing perf:linux-perf wrk:wrk nginx:nginx-light
 
 cargo build --release -p keyward >&2
 BIN=$PWD/target/release/keyward
@@ -18,11 +18,7 @@ RUN=$(mktemp -d /tmp/keyward-profile.XXXXXX)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
-. bench/common.sh
-
-sed "s#__RUN__#$RUN#g" bench/nginx-upstream.conf > "$RUN/upstream.conf"
-nginx -c "$RUN/upstream.conf" -p "$RUN" & pids+=($!)
-wait_port 19000
+start_upstream
 mkdir -p "$RUN/kw"
 keyward_config 19001 19011 > "$RUN/kw/keyward.toml"
 (cd "$RUN/kw" && exec "$BIN" serve > out.log 2> err.log) & pids+=($!)

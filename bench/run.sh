@@ -22,14 +22,8 @@ THREADS=${THREADS:-2}
 NKEYS=${NKEYS:-10000}
 SCENARIOS=${SCENARIOS:-a b c d e f g}   # a subset measures faster; c is the ratios' base
 
-missing=()
-command -v wrk >/dev/null || missing+=(wrk)
-command -v nginx >/dev/null || missing+=(nginx-light)
-command -v haproxy >/dev/null || missing+=(haproxy)
-command -v redis-server >/dev/null || missing+=(redis-server)
-if [ ${#missing[@]} -gt 0 ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+. bench/common.sh
+install_missing wrk:wrk nginx:nginx-light haproxy:haproxy redis-server:redis-server
 
 cargo build --release -p keyward >&2
 BIN=$PWD/target/release/keyward
@@ -38,11 +32,7 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
-. bench/common.sh
-
-sed "s#__RUN__#$RUN#g" bench/nginx-upstream.conf > "$RUN/upstream.conf"
-nginx -c "$RUN/upstream.conf" -p "$RUN" & pids+=($!); upstream_master=$!
-wait_port 19000
+start_upstream
 
 mkdir -p "$RUN/kw" "$RUN/kw-redis"
 keyward_config 19001 19011 > "$RUN/kw/keyward.toml"
@@ -103,7 +93,7 @@ done
 # The processes doing each scenario's gateway work (nginx: its workers), for CPU per request:
 # a steadier figure than req/s on two shared cores, and one that shows where time goes.
 declare -A GATEWAY=(
-  [a]="$(pgrep -P "$upstream_master" | xargs)"
+  [a]="$(pgrep -P "$upstream_pid" | xargs)"
   [b]="$kw_pid" [e]="$kw_pid"
   [c]="$(pgrep -P "$keyauth_master" | xargs)"
   [d]="$haproxy_pid"
