@@ -8,16 +8,19 @@
 # Ed25519 its serial backend, so both weigh more than on the CPU; compare builds, not
 # absolute figures.
 # Usage: bench/callgrind.sh   (NKEYS=500 WARM=20 MEASURE=20 URL_PATH=/bench/x to change;
-#        URL_PATH=/v1/auth counts forward-auth). Installs valgrind, wrk and nginx when missing.
+#        URL_PATH=/v1/auth counts forward-auth; LIMITS=redis uses the Redis backend, on a
+#        redis-server of its own). Installs valgrind, wrk, nginx and redis-server when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NKEYS=${NKEYS:-500}
 WARM=${WARM:-20}
 MEASURE=${MEASURE:-20}
 URL_PATH=${URL_PATH:-/bench/x}
+LIMITS=${LIMITS:-memory}
 
 . bench/common.sh
 install_missing valgrind:valgrind wrk:wrk nginx:nginx-light
+[ "$LIMITS" = redis ] && install_missing redis-server:redis-server
 
 cargo build --release -p keyward >&2
 BIN=$PWD/target/release/keyward
@@ -27,7 +30,13 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
 start_upstream
 mkdir -p "$RUN/kw"
-keyward_config 19001 19011 > "$RUN/kw/keyward.toml"
+redis_url=""
+if [ "$LIMITS" = redis ]; then
+  redis-server --port 19015 --bind 127.0.0.1 --save "" --appendonly no > /dev/null & pids+=($!)
+  wait_port 19015
+  redis_url=redis://127.0.0.1:19015/
+fi
+keyward_config 19001 19011 "$redis_url" > "$RUN/kw/keyward.toml"
 (cd "$RUN/kw" && exec valgrind --tool=callgrind --callgrind-out-file="$RUN/callgrind.out" \
   "$BIN" serve > out.log 2> err.log) & pids+=($!)
 for _ in $(seq 1 600); do (echo >/dev/tcp/127.0.0.1/19001) 2>/dev/null && break; sleep 0.1; done
@@ -47,7 +56,7 @@ callgrind_control -d > /dev/null
 sleep 1
 requests=$((after - before))
 dump=$(ls -t "$RUN"/callgrind.out.* | head -1)
-echo "$requests requests with status 200 in ${MEASURE}s ($URL_PATH, $NKEYS keys)"
+echo "$requests requests with status 200 in ${MEASURE}s ($URL_PATH, $NKEYS keys, $LIMITS limits)"
 callgrind_annotate --inclusive=yes --threshold=100 "$dump" 2>/dev/null |
   grep -v '=>' | grep -E '^ *[0-9,]+ ' | grep -E 'PROGRAM TOTALS|keyward_(server|core)::' |
   awk -v n="$requests" '{c = $1; gsub(",", "", c); $1 = ""; $2 = ""; sub(/^ +/, ""); sub(/ \[.*$/, ""); sub(/^[^:]*:/, ""); if (!seen[$0]++) printf "%8.0f  %s\n", c / n, $0}' |

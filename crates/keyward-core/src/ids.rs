@@ -16,7 +16,14 @@ macro_rules! define_id {
             pub const PREFIX: &'static str = $prefix;
 
             pub fn generate() -> Self {
-                Self(format!("{}_{}", $prefix, Ulid::generate()))
+                // Request ids are made on every request: no formatting machinery.
+                let mut encoded = [0; ulid::ULID_LEN];
+                let ulid = Ulid::generate().array_to_str(&mut encoded);
+                let mut id = String::with_capacity($prefix.len() + 1 + ulid::ULID_LEN);
+                id.push_str($prefix);
+                id.push('_');
+                id.push_str(ulid);
+                Self(id)
             }
 
             /// Accepts only `<prefix>_<26-character ULID>`.
@@ -81,6 +88,9 @@ mod tests {
     fn generated_ids_parse_and_foreign_ones_do_not() {
         let id = KeyId::generate();
         assert_eq!(KeyId::parse(id.as_str()), Some(id.clone()));
+        let request = RequestId::generate();
+        assert_eq!(RequestId::parse(request.as_str()), Some(request.clone()));
+        assert_ne!(RequestId::generate(), request);
         assert!(ProjectId::parse(id.as_str()).is_none());
         assert!(KeyId::parse("key_").is_none());
         assert!(KeyId::parse("key_not-a-ulid").is_none());

@@ -14,7 +14,9 @@ use keyward_core::path;
 use crate::auth::{admit, authenticate_on};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::client_ip;
+use crate::middleware::Passthrough;
 use crate::proxy::{self, ClientConn, Forward};
+use crate::routes::Route;
 use crate::state::AppState;
 
 /// The route a response belongs to, for metrics.
@@ -40,7 +42,8 @@ pub fn normalized_path(raw: &str) -> ApiResult<Cow<'_, str>> {
 }
 
 /// The axum fallback: gateway requests that came through keyward's own stack (the internal
-/// listener, and CORS requests on the public one).
+/// listener, and CORS requests on the public one). The route and the upstream's authorship
+/// of the answer travel as extensions, for the request-context middleware.
 pub async fn handle(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -48,40 +51,49 @@ pub async fn handle(
 ) -> Response {
     let request_id = req.extensions().get::<RequestId>().cloned();
     let client = ClientConn::pooled(peer, &state);
-    route_and_forward(&state, &client, req, request_id.as_ref()).await
+    let (mut response, route) = route_and_forward(&state, &client, req, request_id.as_ref()).await;
+    let extensions = response.extensions_mut();
+    if extensions.get::<ApiError>().is_none() {
+        extensions.insert(Passthrough);
+    }
+    if let Some(route) = route {
+        extensions.insert(RouteLabel(route.name.clone()));
+    }
+    response
 }
 
-/// Finds the request's route and runs the decision order; the answer carries its route label.
-pub async fn route_and_forward(
-    state: &AppState,
+/// Finds the request's route and runs the decision order. Returns the answer with its route
+/// (for metrics); any error status on it that is not a parked [`ApiError`] is the upstream's.
+pub async fn route_and_forward<'s>(
+    state: &'s AppState,
     client: &ClientConn,
     req: Request,
     request_id: Option<&RequestId>,
-) -> Response {
+) -> (Response, Option<&'s Route>) {
     // The request moves on to the upstream; its path (a shared buffer) stays readable here.
     let uri = req.uri().clone();
     let path = match normalized_path(uri.path()) {
         Ok(p) => p,
-        Err(e) => return e.into_response(),
+        Err(e) => return (e.into_response(), None),
     };
     let Some(route) = state.routes.find(&path) else {
-        return ApiError::new(ErrorCode::RouteNotFound).into_response();
+        return (
+            ApiError::new(ErrorCode::RouteNotFound).into_response(),
+            None,
+        );
     };
-    let label = RouteLabel(route.name.clone());
-    let mut response = match decide_and_forward(state, client, req, route, &path, request_id).await
-    {
+    let response = match decide_and_forward(state, client, req, route, &path, request_id).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
     };
-    response.extensions_mut().insert(label);
-    response
+    (response, Some(route))
 }
 
 async fn decide_and_forward(
     state: &AppState,
     client: &ClientConn,
     req: Request,
-    route: &crate::routes::Route,
+    route: &Route,
     path: &str,
     request_id: Option<&RequestId>,
 ) -> ApiResult<Response> {

@@ -15,6 +15,7 @@ use crate::data_plane::{RouteLabel, normalized_path};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiJson, client_ip};
 use crate::proxy::insert_identity;
+use crate::routes::Route;
 use crate::state::AppState;
 
 pub const FORWARD_AUTH_PATH: &str = "/v1/auth";
@@ -25,16 +26,23 @@ pub async fn forward_auth(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     parts: axum::http::request::Parts,
 ) -> ApiResult<Response> {
-    check(&state, peer.ip(), &parts.headers, &parts.extensions).await
+    let (mut response, route) = check(&state, peer.ip(), &parts.headers, &parts.extensions).await?;
+    if let Some(route) = route {
+        response
+            .extensions_mut()
+            .insert(RouteLabel(route.name.clone()));
+    }
+    Ok(response)
 }
 
-/// The forward-auth decision for a request's headers (the gateway's front calls it directly).
-pub async fn check(
-    state: &AppState,
+/// The forward-auth decision for a request's headers (the gateway's front calls it directly),
+/// with the route the original URI belongs to (for metrics).
+pub async fn check<'s>(
+    state: &'s AppState,
     peer: IpAddr,
     headers: &HeaderMap,
     extensions: &axum::http::Extensions,
-) -> ApiResult<Response> {
+) -> ApiResult<(Response, Option<&'s Route>)> {
     let ip = client_ip(peer, headers, &state.config.server.trusted_proxies);
     let original_uri = headers
         .get("x-forwarded-uri")
@@ -62,12 +70,7 @@ pub async fn check(
     let mut response = StatusCode::OK.into_response();
     admission.write_headers(response.headers_mut());
     insert_identity(state, &principal, response.headers_mut());
-    if let Some(route) = route {
-        response
-            .extensions_mut()
-            .insert(RouteLabel(route.name.clone()));
-    }
-    Ok(response)
+    Ok((response, route))
 }
 
 #[derive(Debug, Deserialize)]

@@ -89,21 +89,24 @@ impl Front {
             }
             Lane::ForwardAuth => {
                 let context = RequestContext::begin(req.method(), req.uri());
-                let response = forward_auth::check(
+                let (response, route) = match forward_auth::check(
                     &self.state,
                     client.peer.ip(),
                     req.headers(),
                     req.extensions(),
                 )
                 .await
-                .unwrap_or_else(IntoResponse::into_response);
-                context.finish(&self.state, response)
+                {
+                    Ok(checked) => checked,
+                    Err(e) => (e.into_response(), None),
+                };
+                context.finish_routed(&self.state, response, route.map(|r| &*r.name))
             }
             Lane::Gateway => {
                 let context = RequestContext::begin(req.method(), req.uri());
-                let response =
+                let (response, route) =
                     route_and_forward(&self.state, client, req, Some(&context.request_id)).await;
-                context.finish(&self.state, response)
+                context.finish_routed(&self.state, response, route.map(|r| &*r.name))
             }
         }
     }
@@ -137,12 +140,15 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let first_bytes = front.state.config.server.header_read_timeout;
-        let front = front.clone();
-        let client = Arc::new(ClientConn::new(peer, &front.state));
+        // One reference count per request, on the connection's own allocation: the shared
+        // `Front`'s count would bounce between the workers' cores on every request.
+        let connection = Arc::new((front.clone(), ClientConn::new(peer, &front.state)));
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let front = front.clone();
-            let client = client.clone();
-            async move { Ok::<_, Infallible>(front.handle(&client, req).await) }
+            let connection = connection.clone();
+            async move {
+                let (front, client) = &*connection;
+                Ok::<_, Infallible>(front.handle(client, req).await)
+            }
         });
         let builder = builder.clone();
         let watcher = graceful.watcher();

@@ -8,7 +8,6 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{Request, State};
@@ -47,13 +46,36 @@ impl RequestContext {
         }
     }
 
-    /// Renders a parked error as the envelope, sets `X-Request-Id`, counts and logs.
+    /// Renders a parked error as the envelope, sets `X-Request-Id`, counts and logs. For
+    /// responses of keyward's own stack, which carry their route and origin as extensions.
     pub fn finish(self, state: &AppState, mut response: Response) -> Response {
         let route = response.extensions_mut().remove::<RouteLabel>();
+        let passthrough = response.extensions().get::<Passthrough>().is_some();
+        self.complete(state, response, route.as_ref().map(|r| &*r.0), passthrough)
+    }
+
+    /// [`Self::finish`] for the front's gateway and forward-auth lanes, which say their route
+    /// directly (an extension map costs allocations per request). Every error of keyward's
+    /// own there is a parked [`ApiError`]: any other error status is the upstream's.
+    pub fn finish_routed(
+        self,
+        state: &AppState,
+        response: Response,
+        route: Option<&str>,
+    ) -> Response {
+        self.complete(state, response, route, true)
+    }
+
+    fn complete(
+        self,
+        state: &AppState,
+        mut response: Response,
+        route: Option<&str>,
+        passthrough: bool,
+    ) -> Response {
         let error = response.extensions_mut().remove::<ApiError>().or_else(|| {
             let status = response.status();
-            let foreign =
-                status.as_u16() >= 400 && response.extensions().get::<Passthrough>().is_none();
+            let foreign = status.as_u16() >= 400 && !passthrough;
             foreign.then(|| ApiError::new(code_for_status(status)))
         });
         let code = error.as_ref().map_or("ok", |e| e.code.as_str());
@@ -76,7 +98,7 @@ impl RequestContext {
         }
         let status = response.status().as_u16();
         let elapsed = self.started.elapsed();
-        record_metrics(route.as_ref().map(|r| &r.0), status, code, elapsed);
+        record_metrics(route.unwrap_or(OWN_ROUTE), status, code, elapsed);
         if let Some((method, uri)) = &self.logged {
             tracing::info!(
                 request_id = %self.request_id,
@@ -92,45 +114,55 @@ impl RequestContext {
     }
 }
 
-type CounterKey = (Option<Arc<str>>, u16, &'static str);
+/// One route's metric handles on one worker thread.
+struct RouteMetrics {
+    duration: metrics::Histogram,
+    /// By status and code: a handful per route.
+    requests: Vec<(u16, &'static str, metrics::Counter)>,
+}
 
 thread_local! {
     // Metric handles per worker thread: looking one up in the recorder builds and hashes its
-    // labels, which cost more than the rest of the bookkeeping together.
-    static COUNTERS: RefCell<HashMap<CounterKey, metrics::Counter, foldhash::fast::RandomState>> =
-        RefCell::default();
-    static HISTOGRAMS: RefCell<HashMap<Option<Arc<str>>, metrics::Histogram, foldhash::fast::RandomState>> =
+    // labels, which cost more than the rest of the bookkeeping together. Found by the route's
+    // name, borrowed: nothing is copied or reference-counted per request.
+    static METRICS: RefCell<HashMap<Box<str>, RouteMetrics, foldhash::fast::RandomState>> =
         RefCell::default();
 }
 
-fn record_metrics(
-    route: Option<&Arc<str>>,
-    status: u16,
-    code: &'static str,
-    took: std::time::Duration,
-) {
-    let label = || route.map_or_else(|| String::from(OWN_ROUTE), |r| r.to_string());
-    COUNTERS.with_borrow_mut(|counters| {
-        let key = (route.cloned(), status, code);
-        counters
-            .entry(key)
-            .or_insert_with(|| {
-                metrics::counter!(
+fn record_metrics(route: &str, status: u16, code: &'static str, took: std::time::Duration) {
+    METRICS.with_borrow_mut(|routes| {
+        if !routes.contains_key(route) {
+            let duration =
+                metrics::histogram!(crate::metrics::REQUEST_DURATION, "route" => route.to_owned());
+            routes.insert(
+                route.into(),
+                RouteMetrics {
+                    duration,
+                    requests: Vec::new(),
+                },
+            );
+        }
+        let Some(metrics) = routes.get_mut(route) else {
+            return;
+        };
+        metrics.duration.record(took.as_secs_f64());
+        match metrics
+            .requests
+            .iter()
+            .find(|(s, c, _)| *s == status && *c == code)
+        {
+            Some((_, _, counter)) => counter.increment(1),
+            None => {
+                let counter = metrics::counter!(
                     "keyward_requests_total",
-                    "route" => label(),
+                    "route" => route.to_owned(),
                     "status" => status.to_string(),
                     "code" => code,
-                )
-            })
-            .increment(1);
-    });
-    HISTOGRAMS.with_borrow_mut(|histograms| {
-        histograms
-            .entry(route.cloned())
-            .or_insert_with(
-                || metrics::histogram!(crate::metrics::REQUEST_DURATION, "route" => label()),
-            )
-            .record(took.as_secs_f64());
+                );
+                counter.increment(1);
+                metrics.requests.push((status, code, counter));
+            }
+        }
     });
 }
 

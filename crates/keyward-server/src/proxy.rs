@@ -23,7 +23,7 @@ use serde_json::json;
 
 use crate::auth::{Principal, is_bearer};
 use crate::error::ApiError;
-use crate::middleware::{Passthrough, REQUEST_ID};
+use crate::middleware::REQUEST_ID;
 use crate::routes::{Route, Upstream};
 use crate::state::AppState;
 
@@ -49,50 +49,58 @@ thread_local! {
     };
 }
 
-const HOP_BY_HOP_NAMES: usize = 8;
-const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_NAMES] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::PROXY_AUTHORIZATION,
+/// RFC 9110 §7.6.1's hop-by-hop fields, plus the proxy credentials meant for this hop.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
 ];
 
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(name) || name == header::PROXY_AUTHENTICATE
+    // Names are lowercase already; comparing strings builds no `HeaderName` per check.
+    HOP_BY_HOP.contains(&name.as_str())
 }
 
 /// Removes hop-by-hop headers, including every header named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most requests carry none: one pass over the names instead of ten removals, each of
-    // which hashes its name.
-    if !headers.keys().any(is_hop_by_hop) {
+    // One pass over the names instead of a removal (which hashes its name) per hop-by-hop
+    // header: most requests carry none, most upstream answers only `Connection`.
+    let mut present: [Option<HeaderName>; HOP_BY_HOP.len()] = Default::default();
+    let mut found = 0;
+    for name in headers.keys().filter(|n| is_hop_by_hop(n)) {
+        if let Some(slot) = present.get_mut(found) {
+            *slot = Some(name.clone());
+            found += 1;
+        }
+    }
+    if found == 0 {
         return;
     }
-    // `keep-alive` and `close`, what upstreams usually list, need no lookup of their own.
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
+    if present[..found]
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|name| {
-            !name.eq_ignore_ascii_case("keep-alive") && !name.eq_ignore_ascii_case("close")
-        })
-        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
-        .collect();
-    for name in listed {
-        headers.remove(name);
-    }
-    let mut present: [Option<HeaderName>; HOP_BY_HOP_NAMES + 1] = Default::default();
-    for (slot, name) in present
-        .iter_mut()
-        .zip(headers.keys().filter(|n| is_hop_by_hop(n)))
+        .any(|n| n.as_ref() == Some(&header::CONNECTION))
     {
-        *slot = Some(name.clone());
+        // `keep-alive` and `close`, what upstreams usually list, need no lookup of their own.
+        let listed: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|name| {
+                !name.eq_ignore_ascii_case("keep-alive") && !name.eq_ignore_ascii_case("close")
+            })
+            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+            .collect();
+        for name in listed {
+            headers.remove(name);
+        }
     }
     for name in present.into_iter().flatten() {
         headers.remove(name);
@@ -409,7 +417,6 @@ pub async fn forward(state: &AppState, f: Forward<'_>, req: Request) -> Response
                 Ok(Ok(response)) => {
                     let (mut parts, body) = response.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
-                    parts.extensions.insert(Passthrough);
                     Response::from_parts(parts, Body::new(body))
                 }
             }
@@ -466,9 +473,9 @@ mod tests {
         strip_hop_by_hop(&mut clean);
         assert_eq!(clean, before);
 
-        for name in HOP_BY_HOP.iter().chain([&header::PROXY_AUTHENTICATE]) {
+        for name in HOP_BY_HOP {
             let mut headers = map(&[("host", "a"), ("x-custom", "1")]);
-            headers.insert(name.clone(), HeaderValue::from_static("v"));
+            headers.insert(HeaderName::from_static(name), HeaderValue::from_static("v"));
             strip_hop_by_hop(&mut headers);
             assert_eq!(headers, map(&[("host", "a"), ("x-custom", "1")]), "{name}");
         }

@@ -754,6 +754,13 @@ async fn metrics_and_a_flood_of_random_keys() {
         1.0
     );
     assert!(metric(&after, "keyward_key_cache_negative_hits_total") >= 49.0);
+    // Refusals are counted under their route and code, beside the successes.
+    for series in [
+        "keyward_requests_total{route=\"chat\",status=\"401\",code=\"invalid_api_key\"} 250",
+        "keyward_requests_total{route=\"chat\",status=\"200\",code=\"ok\"} 3",
+    ] {
+        assert!(after.contains(series), "{series} in {after}");
+    }
     for secret in [&key, &foreign] {
         assert!(!after.contains(&secret[8..]));
     }
