@@ -23,12 +23,16 @@ use crate::limits::{BackendError, LimitBackend, LimitPlan, LimitReport, Policy};
 /// counts until its *last* millisecond leaves the window, so the count never misses a request
 /// that the exact rule would count: never more than `limit` in any rolling window, and a
 /// refused caller waits at most `window / 20` longer than the exact rule would make it wait.
+///
+/// The answer is as short as it can be, since the client parses every element at some cost:
+/// `status, credits left`, then per limit `remaining, reset ms, retry ms` (retry is -1 unless
+/// that limit refused).
 const SCRIPT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local cost = tonumber(ARGV[1])
 local n = tonumber(ARGV[2])
-local out = {0, -1, now}
+local out = {0, -1}
 local all_ok = true
 local oldest = {}
 for i = 1, n do
@@ -78,7 +82,6 @@ for i = 1, n do
   -- for the binding limit and computed below for that one alone.
   local reset = 0
   if retry >= 0 then reset = retry end
-  table.insert(out, ok and 1 or 0)
   table.insert(out, remaining)
   table.insert(out, reset)
   table.insert(out, retry)
@@ -119,15 +122,15 @@ if all_ok and n > 0 then
   -- fewest units left, then the smallest limit, the first on ties.
   local b = 1
   for i = 2, n do
-    local rem, lim = out[4 * i + 1], tonumber(ARGV[1 + 2 * i])
-    local brem, blim = out[4 * b + 1], tonumber(ARGV[1 + 2 * b])
+    local rem, lim = out[3 * i], tonumber(ARGV[1 + 2 * i])
+    local brem, blim = out[3 * b], tonumber(ARGV[1 + 2 * b])
     if rem < brem or (rem == brem and lim < blim) then b = i end
   end
   local window = tonumber(ARGV[2 + 2 * b])
   if oldest[b] >= 0 then
-    out[4 * b + 2] = math.max(oldest[b] - now, 0)
+    out[3 * b + 1] = math.max(oldest[b] - now, 0)
   elseif cost > 0 then
-    out[4 * b + 2] = slot_end(window) + window - now
+    out[3 * b + 1] = slot_end(window) + window - now
   end
 end
 if status == 0 and cost > 0 then
@@ -191,15 +194,23 @@ impl RedisBackend {
     /// Names of the slotted windows (hashes). Earlier builds kept sorted sets under other names
     /// (`:k:`, `:om`, `:oh`), so a rolling upgrade meets no key of the wrong type.
     fn redis_key(plan: &LimitPlan<'_>, policy: Policy) -> String {
-        let org = plan.org_id.as_str();
         match policy {
-            Policy::Key => format!(
-                "kw:{{{org}}}:key:{}",
-                plan.key_id.map(KeyId::as_str).unwrap_or_default()
-            ),
-            Policy::OrgMinute => format!("kw:{{{org}}}:minute"),
-            Policy::OrgHour => format!("kw:{{{org}}}:hour"),
+            Policy::Key => Self::org_key(plan, "key:", plan.key_id),
+            Policy::OrgMinute => Self::org_key(plan, "minute", None),
+            Policy::OrgHour => Self::org_key(plan, "hour", None),
         }
+    }
+
+    /// `kw:{org}:<kind><key id>`: the organisation is the hash tag (one Cluster slot per
+    /// decision). Built by hand: this runs up to four times per request.
+    fn org_key(plan: &LimitPlan<'_>, kind: &str, key_id: Option<&KeyId>) -> String {
+        let org = plan.org_id.as_str();
+        let id = key_id.map(KeyId::as_str).unwrap_or_default();
+        let mut name = String::with_capacity(6 + org.len() + kind.len() + id.len());
+        for part in ["kw:{", org, "}:", kind, id] {
+            name.push_str(part);
+        }
+        name
     }
 }
 
@@ -221,11 +232,7 @@ impl LimitBackend for RedisBackend {
         }
         match &plan.credits {
             Some(credits) => {
-                invocation.key(format!(
-                    "kw:{{{}}}:c:{}",
-                    plan.org_id,
-                    plan.key_id.map(KeyId::as_str).unwrap_or_default()
-                ));
+                invocation.key(Self::org_key(plan, "c:", plan.key_id));
                 let (refill, period) = match &credits.refill {
                     Some(r) => (
                         r.amount,
@@ -248,7 +255,7 @@ impl LimitBackend for RedisBackend {
             .invoke_async(&mut conn)
             .await
             .map_err(|e| BackendError(e.to_string()))?;
-        if out.len() != 3 + 4 * plan.limits.len() {
+        if out.len() != 2 + 3 * plan.limits.len() {
             return Err(BackendError(
                 "unexpected answer from the rate-limit script".into(),
             ));
@@ -256,17 +263,17 @@ impl LimitBackend for RedisBackend {
         let verdicts: Vec<(Policy, Verdict)> = plan
             .limits
             .iter()
-            .enumerate()
-            .map(|(i, (policy, limit))| {
-                let at = 3 + 4 * i;
-                let retry = out[at + 3];
+            .zip(out[2..].chunks_exact(3))
+            .map(|((policy, limit), answer)| {
+                let [remaining, reset_ms, retry] = [answer[0], answer[1], answer[2]];
                 (
                     *policy,
                     Verdict {
-                        allowed: out[at] == 1,
+                        // A refused limit always says when the request would fit.
+                        allowed: retry < 0,
                         limit: limit.limit,
-                        remaining: u64::try_from(out[at + 1]).unwrap_or(0),
-                        reset_ms: out[at + 2],
+                        remaining: u64::try_from(remaining).unwrap_or(0),
+                        reset_ms,
                         retry_after_ms: (retry >= 0).then_some(retry),
                         window_ms: limit.window_ms,
                     },
