@@ -317,6 +317,13 @@ pub async fn resolve(
             // is cancelled, the next one queries).
             load.found
                 .get_or_try_init(|| async {
+                    // This miss may have raced with an earlier query for the hash that has
+                    // filled the cache and left the map since: then there is nothing to load.
+                    match cache.lookup(hash, now) {
+                        Lookup::Hit(secret) => return Ok(Some(secret)),
+                        Lookup::KnownUnknown => return Ok(None),
+                        Lookup::Miss(_) => {}
+                    }
                     crate::metrics::key_cache_miss();
                     let found = store
                         .find_by_hash(hash)
