@@ -19,6 +19,8 @@ use crate::routes::Route;
 use crate::state::AppState;
 
 pub const FORWARD_AUTH_PATH: &str = "/v1/auth";
+/// Identity (six), rate-limit (up to six with the draft fields) and `X-Request-Id`.
+const ANSWER_HEADERS: usize = 13;
 
 /// `GET /v1/auth`: 200 with identity headers, or the proxy path's 401/403.
 pub async fn forward_auth(
@@ -68,6 +70,8 @@ pub async fn check<'s>(
     let cost = route.map(|r| r.cost).unwrap_or(1);
     let admission = admit(state, &principal, cost).await?;
     let mut response = StatusCode::OK.into_response();
+    // Room for what is added at once: the map would otherwise grow (and rehash) twice.
+    response.headers_mut().reserve(ANSWER_HEADERS);
     admission.write_headers(response.headers_mut());
     insert_identity(state, &principal, response.headers_mut());
     Ok((response, route))
