@@ -323,6 +323,20 @@ async fn upstream_failures_are_enveloped_and_upstream_answers_pass_through() {
         (r.status.as_u16(), r.text.as_str()),
         (503, "upstream says so")
     );
+    // Likewise through keyward's own stack, which CORS requests (any `Origin`) take.
+    let through_app = |path: &str| {
+        s.client
+            .get(format!("{}{path}", s.base))
+            .bearer_auth(&key)
+            .header("origin", "https://app.example.com")
+            .send()
+    };
+    let r = through_app("/public/status/503").await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.text().await.unwrap(), "upstream says so");
+    let r = through_app("/down/x").await.unwrap();
+    assert_eq!(r.status(), 502);
+    assert!(r.text().await.unwrap().contains("upstream_unavailable"));
 }
 
 /// One client connection gets one upstream connection, and keeps working when that upstream
