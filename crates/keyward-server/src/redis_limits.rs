@@ -2,7 +2,8 @@
 //! window (see [`SCRIPT`] for how it is counted). One round trip per decision: a Lua script
 //! evicts, checks every limit and the credits, and charges all or nothing, with Redis' own
 //! clock so node clocks cannot skew the windows. All keys of one
-//! decision carry the organisation as hash tag, so the script also runs on Redis Cluster.
+//! decision carry the organisation as hash tag: one Redis Cluster slot per decision, ready for a
+//! cluster client (keyward connects to a single endpoint for now).
 
 use std::cell::RefCell;
 use std::time::Duration;
