@@ -265,31 +265,35 @@ async fn redis_windows_stay_bounded_and_slide() {
         .create_key(json!({"quota_requests": 3, "quota_window": 2}))
         .await;
     for _ in 0..3 {
-        let r = s.call(Method::GET, "/echo/x", Some(&key), None).await;
-        assert_eq!(r.status, 200, "{}", r.text);
+        admitted(&s, &key).await;
     }
-    let refused = s.call(Method::GET, "/echo/x", Some(&key), None).await;
-    refused.assert_error(429, "rate_limit_exceeded");
-    let retry: u64 = refused.header("retry-after").unwrap().parse().unwrap();
+    let retry = refused(&s, &key).await;
     assert!((1..=3).contains(&retry), "retry-after {retry}");
     tokio::time::sleep(Duration::from_secs(retry)).await;
-    let r = s.call(Method::GET, "/echo/x", Some(&key), None).await;
-    assert_eq!(r.status, 200, "free again after Retry-After: {}", r.text);
+    admitted(&s, &key).await;
 
     // Units spent in different slots: a refusal waits for the *oldest* to leave (~2 s here),
     // not for the newest (~4 s).
     let (_, spread) = s
         .create_key(json!({"quota_requests": 2, "quota_window": 4}))
         .await;
-    let first = s.call(Method::GET, "/echo/x", Some(&spread), None).await;
-    assert_eq!(first.status, 200, "{}", first.text);
+    admitted(&s, &spread).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let second = s.call(Method::GET, "/echo/x", Some(&spread), None).await;
-    assert_eq!(second.status, 200, "{}", second.text);
-    let refused = s.call(Method::GET, "/echo/x", Some(&spread), None).await;
-    refused.assert_error(429, "rate_limit_exceeded");
-    let retry: u64 = refused.header("retry-after").unwrap().parse().unwrap();
+    admitted(&s, &spread).await;
+    let retry = refused(&s, &spread).await;
     assert!((2..=3).contains(&retry), "retry-after {retry}");
+}
+
+async fn admitted(s: &TestServer, key: &str) {
+    let r = s.call(Method::GET, "/echo/x", Some(key), None).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+}
+
+/// Asserts a 429 for `key` and returns its `Retry-After`.
+async fn refused(s: &TestServer, key: &str) -> u64 {
+    let r = s.call(Method::GET, "/echo/x", Some(key), None).await;
+    r.assert_error(429, "rate_limit_exceeded");
+    r.header("retry-after").unwrap().parse().unwrap()
 }
 
 async fn backend_errors(s: &TestServer) -> f64 {
