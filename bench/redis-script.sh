@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Redis' own CPU per rate-limit decision: runs the `redis` backend's script (taken from
+# crates/keyward-server/src/redis_limits.rs) with `redis-benchmark` against a redis-server of
+# its own, as keyward calls it for a key quota plus two organisation windows, over NKEYS keys,
+# and prints Redis' `usec_per_call` per round (INFO commandstats). The cost grows as the
+# windows fill with slots (up to 21 each), so run enough rounds to see the steady state:
+# an organisation's minute window is full after a minute of load.
+# COMPARE=file.lua alternates rounds with another script on keys of its own, for an A/B
+# (paired rounds agree within ~10% on this machine; the level drifts between rounds).
+# Usage: bench/redis-script.sh   (ROUNDS=12 N=60000 NKEYS=10000 COMPARE= to change).
+# Installs redis-server (with redis-benchmark) when missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${ROUNDS:-12}
+N=${N:-60000}
+NKEYS=${NKEYS:-10000}
+COMPARE=${COMPARE:-}
+PORT=19016
+
+RUN=$(mktemp -d /tmp/keyward-redis-script.XXXXXX)
+pids=()
+. bench/common.sh
+install_missing redis-server:redis-server redis-benchmark:redis-tools
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
+
+python3 - crates/keyward-server/src/redis_limits.rs "$RUN/keyward.lua" <<'PY'
+import re, sys
+source = open(sys.argv[1]).read()
+script = re.search(r'const SCRIPT: &str = r#"(.*?)"#;', source, re.S)
+if not script:
+    sys.exit("no SCRIPT in " + sys.argv[1])
+open(sys.argv[2], "w").write(script.group(1))
+PY
+
+redis-server --port $PORT --bind 127.0.0.1 --save "" --appendonly no > /dev/null & pids+=($!)
+wait_port $PORT
+cli() { redis-cli -p $PORT "$@"; }
+
+scripts=("$RUN/keyward.lua")
+[ -n "$COMPARE" ] && scripts+=("$COMPARE")
+declare -A sha
+for s in "${scripts[@]}"; do sha[$s]=$(cli script load "$(cat "$s")"); done
+
+echo "usec of Redis CPU per decision (usec_per_call), $N calls per round over $NKEYS keys"
+for round in $(seq 1 "$ROUNDS"); do
+  line="round $round:"
+  for i in "${!scripts[@]}"; do
+    org="org_$i"
+    cli config resetstat > /dev/null
+    # The arguments keyward sends: cost 1, three limits (key quota 60 s, organisation minute
+    # and hour, all too high to refuse), no credits.
+    redis-benchmark -p $PORT -c 16 -n "$N" -r "$NKEYS" -q evalsha "${sha[${scripts[$i]}]}" 3 \
+      "kw:{$org}:key:__rand_int__" "kw:{$org}:minute" "kw:{$org}:hour" \
+      1 3 1000000000 60000 1000000000 60000 1000000000 3600000 0 > /dev/null
+    usec=$(cli info commandstats | tr -d '\r' | sed -n 's/^cmdstat_evalsha:.*usec_per_call=\([0-9.]*\).*/\1/p')
+    slots=$(cli hlen "kw:{$org}:minute" | tr -d '\r')
+    line="$line $(basename "${scripts[$i]}")=$usec (minute window: $slots slots)"
+  done
+  echo "$line"
+done
