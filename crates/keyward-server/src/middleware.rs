@@ -116,9 +116,44 @@ impl RequestContext {
 
 /// One route's metric handles on one worker thread.
 struct RouteMetrics {
+    route: Box<str>,
     duration: metrics::Histogram,
     /// By status and code: a handful per route.
     requests: Vec<(u16, &'static str, metrics::Counter)>,
+}
+
+impl RouteMetrics {
+    fn new(route: &str) -> Self {
+        Self {
+            route: route.into(),
+            duration: metrics::histogram!(
+                crate::metrics::REQUEST_DURATION,
+                "route" => route.to_owned()
+            ),
+            requests: Vec::new(),
+        }
+    }
+
+    fn record(&mut self, status: u16, code: &'static str, took: std::time::Duration) {
+        self.duration.record(took.as_secs_f64());
+        match self
+            .requests
+            .iter()
+            .find(|(s, c, _)| *s == status && *c == code)
+        {
+            Some((_, _, counter)) => counter.increment(1),
+            None => {
+                let counter = metrics::counter!(
+                    "keyward_requests_total",
+                    "route" => self.route.to_string(),
+                    "status" => status.to_string(),
+                    "code" => code,
+                );
+                counter.increment(1);
+                self.requests.push((status, code, counter));
+            }
+        }
+    }
 }
 
 thread_local! {
@@ -131,38 +166,15 @@ thread_local! {
 
 fn record_metrics(route: &str, status: u16, code: &'static str, took: std::time::Duration) {
     METRICS.with_borrow_mut(|routes| {
-        if !routes.contains_key(route) {
-            let duration =
-                metrics::histogram!(crate::metrics::REQUEST_DURATION, "route" => route.to_owned());
-            routes.insert(
-                route.into(),
-                RouteMetrics {
-                    duration,
-                    requests: Vec::new(),
-                },
-            );
-        }
-        let Some(metrics) = routes.get_mut(route) else {
+        // One lookup for a route seen before; the entry is made on its first request.
+        if let Some(metrics) = routes.get_mut(route) {
+            metrics.record(status, code, took);
             return;
-        };
-        metrics.duration.record(took.as_secs_f64());
-        match metrics
-            .requests
-            .iter()
-            .find(|(s, c, _)| *s == status && *c == code)
-        {
-            Some((_, _, counter)) => counter.increment(1),
-            None => {
-                let counter = metrics::counter!(
-                    "keyward_requests_total",
-                    "route" => route.to_owned(),
-                    "status" => status.to_string(),
-                    "code" => code,
-                );
-                counter.increment(1);
-                metrics.requests.push((status, code, counter));
-            }
         }
+        routes
+            .entry(route.into())
+            .or_insert_with(|| RouteMetrics::new(route))
+            .record(status, code, took);
     });
 }
 
