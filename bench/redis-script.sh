@@ -54,7 +54,8 @@ for round in $(seq 1 "$ROUNDS"); do
       "kw:{$org}:key:__rand_int__" "kw:{$org}:minute" "kw:{$org}:hour" \
       1 3 1000000000 60000 1000000000 60000 1000000000 3600000 0 > /dev/null
     usec=$(cli info commandstats | tr -d '\r' | sed -n 's/^cmdstat_evalsha:.*usec_per_call=\([0-9.]*\).*/\1/p')
-    slots=$(cli hlen "kw:{$org}:minute" | tr -d '\r')
+    # Slots are the fields named by a number (a window also keeps its total and oldest slot).
+    slots=$(cli hkeys "kw:{$org}:minute" | grep -c '^[0-9]' || true)
     line="$line $(basename "${scripts[$i]}")=$usec (minute window: $slots slots)"
   done
   echo "$line"

@@ -226,6 +226,76 @@ impl RedisServer {
     }
 }
 
+/// One window as Redis holds it: its slots (named by their last millisecond, with their
+/// units), the running total `n`, the oldest slot `lo`, and how long the hash still lives.
+struct Window {
+    slots: Vec<(u64, u64)>,
+    total: Option<u64>,
+    oldest: Option<u64>,
+    ttl_ms: i64,
+    now_ms: u64,
+}
+
+impl RedisServer {
+    /// The window of the key `key_id` (whatever its organisation).
+    fn key_window(&self, key_id: &str) -> (String, Window) {
+        let name = self.cli(&["--scan", "--pattern", &format!("kw:*:window:key:{key_id}")]);
+        let name = name.trim().to_owned();
+        assert!(!name.is_empty(), "no window for {key_id}");
+        let window = self.window(&name);
+        (name, window)
+    }
+
+    fn window(&self, name: &str) -> Window {
+        let fields: Vec<String> = self
+            .cli(&["hgetall", name])
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        let mut window = Window {
+            slots: vec![],
+            total: None,
+            oldest: None,
+            ttl_ms: self.cli(&["pttl", name]).trim().parse().unwrap(),
+            now_ms: 0,
+        };
+        for pair in fields.chunks_exact(2) {
+            let value: u64 = pair[1].parse().unwrap();
+            match pair[0].as_str() {
+                "n" => window.total = Some(value),
+                "lo" => window.oldest = Some(value),
+                slot => window.slots.push((slot.parse().unwrap(), value)),
+            }
+        }
+        let time: Vec<u64> = self
+            .cli(&["time"])
+            .lines()
+            .map(|l| l.parse().unwrap())
+            .collect();
+        window.now_ms = time[0] * 1000 + time[1] / 1000;
+        window
+    }
+}
+
+impl Window {
+    /// What the script relies on: the total is the sum of the slots, `lo` the oldest of them,
+    /// and the hash lives at least as long as its newest slot counts.
+    fn assert_consistent(&self, window_ms: u64) {
+        let sum: u64 = self.slots.iter().map(|(_, units)| units).sum();
+        assert_eq!(self.total, Some(sum), "total of {:?}", self.slots);
+        let oldest = self.slots.iter().map(|(end, _)| *end).min();
+        assert_eq!(self.oldest, oldest, "oldest of {:?}", self.slots);
+        let newest = self.slots.iter().map(|(end, _)| *end).max().unwrap();
+        let counts_for = (newest + window_ms) as i64 - self.now_ms as i64;
+        // The TTL is read a moment before Redis' clock.
+        assert!(
+            self.ttl_ms + 50 >= counts_for,
+            "the hash expires in {} ms, its newest slot counts for {counts_for} ms",
+            self.ttl_ms
+        );
+    }
+}
+
 /// Redis keeps at most ~21 counters per window whatever the traffic (a slot per window / 20),
 /// and a window frees up again as its slots leave it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -233,7 +303,7 @@ async fn redis_windows_stay_bounded_and_slide() {
     let redis = RedisServer::start().await;
     let s = TestServer::start_with_config(&config(&redis, "deny"), &[]).await;
     // A 2 s window: 100 ms slots.
-    let (_, busy) = s
+    let (busy_id, busy) = s
         .create_key(json!({"quota_requests": 1000, "quota_window": 2}))
         .await;
     let started = Instant::now();
@@ -244,22 +314,23 @@ async fn redis_windows_stay_bounded_and_slide() {
         sent += 1;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let window = redis.cli(&["--scan", "--pattern", "kw:*:key:*"]);
-    let window = window.trim();
-    let slots: usize = redis.cli(&["hlen", window]).trim().parse().unwrap();
+    let (_, window) = redis.key_window(&busy_id);
     assert!(
-        (15..=21).contains(&slots),
-        "{slots} slots after {sent} requests in 3 s"
+        (15..=21).contains(&window.slots.len()),
+        "{} slots after {sent} requests in 3 s",
+        window.slots.len()
     );
-    let counted: u64 = redis
-        .cli(&["hvals", window])
-        .lines()
-        .map(|v| v.parse::<u64>().unwrap())
-        .sum();
+    window.assert_consistent(2_000);
+    let counted = window.total.unwrap();
     assert!(
         counted < sent,
         "only the last 2 s stay counted: {counted} of {sent}"
     );
+    // What the headers say is what the window holds.
+    let r = s.call(Method::GET, "/echo/x", Some(&busy), None).await;
+    let remaining: u64 = r.header("x-ratelimit-remaining").unwrap().parse().unwrap();
+    let (_, window) = redis.key_window(&busy_id);
+    assert_eq!(remaining, 1000 - window.total.unwrap());
 
     let (_, key) = s
         .create_key(json!({"quota_requests": 3, "quota_window": 2}))
@@ -282,6 +353,40 @@ async fn redis_windows_stay_bounded_and_slide() {
     admitted(&s, &spread).await;
     let retry = refused(&s, &spread).await;
     assert!((2..=3).contains(&retry), "retry-after {retry}");
+}
+
+/// A key's window may change length (so its slot length) while it holds units: they stay
+/// counted under the new length, the window stays consistent, and it does not expire early.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_quota_window_keeps_its_units() {
+    let redis = RedisServer::start().await;
+    let s = TestServer::start_with_config(&config(&redis, "deny"), &[]).await;
+    // An hour: slots of 3 min, whose last millisecond lies minutes ahead.
+    let (id, key) = s
+        .create_key(json!({"quota_requests": 3, "quota_window": 3600}))
+        .await;
+    admitted(&s, &key).await;
+    admitted(&s, &key).await;
+    redis.key_window(&id).1.assert_consistent(3_600_000);
+
+    // Ten seconds: slots of 500 ms. The new slot is older than the hour's slot.
+    let r = s
+        .admin(
+            Method::PATCH,
+            &format!("/v1/keys/{id}"),
+            Some(json!({"quota_window": 10})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let (_, before) = redis.key_window(&id);
+    admitted(&s, &key).await;
+    let (_, after) = redis.key_window(&id);
+    assert_eq!(after.slots.len(), before.slots.len() + 1);
+    after.assert_consistent(10_000);
+
+    // The three units count until the hour's slot end + 10 s, minutes from now.
+    let retry = refused(&s, &key).await;
+    assert!(retry >= 10, "retry-after {retry}");
 }
 
 async fn admitted(s: &TestServer, key: &str) {
