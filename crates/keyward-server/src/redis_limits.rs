@@ -29,9 +29,8 @@ use crate::limits::{BackendError, LimitBackend, LimitPlan, LimitReport, Policy};
 /// slots are read when the oldest has left (about once per slot length per window: evict,
 /// count again) and on a refusal, which sorts them to say when the request would fit.
 ///
-/// The answer is as short as it can be, since the client parses every element at some cost:
-/// `status, credits left`, then per limit `remaining, reset ms, retry ms` (retry is -1 unless
-/// that limit refused).
+/// The answer is one string of integers (see [`parse_answer`]): `status, credits left`, then per
+/// limit `remaining, reset ms, retry ms` (retry is -1 unless that limit refused).
 const SCRIPT: &str = r#"
 local tonumber, floor, max = tonumber, math.floor, math.max
 local t = redis.call('TIME')
@@ -176,8 +175,19 @@ if status == 0 and cost > 0 then
   end
 end
 out[1] = status
-return out
+for j = 1, #out do out[j] = string.format('%d', out[j]) end
+return table.concat(out, ' ')
 "#;
+
+/// The script's answer: `len` integers separated by single spaces. One bulk string, because
+/// the client's reply parser costs about as much per array element as this whole parse.
+fn parse_answer(answer: &str, len: usize) -> Option<Vec<i64>> {
+    let mut out = Vec::with_capacity(len);
+    for field in answer.split(' ') {
+        out.push(field.parse().ok()?);
+    }
+    (out.len() == len).then_some(out)
+}
 
 thread_local! {
     // One multiplexed connection per worker thread, driven by that thread's runtime.
@@ -283,15 +293,12 @@ impl LimitBackend for RedisBackend {
                 invocation.arg(0);
             }
         }
-        let out: Vec<i64> = invocation
+        let answer: String = invocation
             .invoke_async(&mut conn)
             .await
             .map_err(|e| BackendError(e.to_string()))?;
-        if out.len() != 2 + 3 * plan.limits.len() {
-            return Err(BackendError(
-                "unexpected answer from the rate-limit script".into(),
-            ));
-        }
+        let out = parse_answer(&answer, 2 + 3 * plan.limits.len())
+            .ok_or_else(|| BackendError("unexpected answer from the rate-limit script".into()))?;
         let verdicts: Vec<(Policy, Verdict)> = plan
             .limits
             .iter()
@@ -347,4 +354,31 @@ impl LimitBackend for RedisBackend {
 
     /// Redis expires idle windows itself (`PEXPIRE` to the window length).
     fn evict_idle(&self, _now: Timestamp) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_answer;
+
+    #[test]
+    fn answers_parse_only_when_whole() {
+        assert_eq!(
+            parse_answer("0 -1 2 2061 -1", 5),
+            Some(vec![0, -1, 2, 2061, -1])
+        );
+        assert_eq!(
+            parse_answer("1 9007199254740993 0 3000 3000", 5),
+            Some(vec![1, 9_007_199_254_740_993, 0, 3000, 3000])
+        );
+        for bad in [
+            "0 -1 2 2061",
+            "0 -1 2 2061 -1 7",
+            "0 -1 2 2061 x",
+            "0  -1 2 2061",
+            "",
+            "1e+14 0 0 0 0",
+        ] {
+            assert_eq!(parse_answer(bad, 5), None, "{bad:?}");
+        }
+    }
 }
