@@ -2,17 +2,20 @@
 # Redis' own CPU per rate-limit decision: runs the `redis` backend's script (taken from
 # crates/keyward-server/src/redis_limits.rs) with `redis-benchmark` against a redis-server of
 # its own, as keyward calls it for a key quota plus two organisation windows, over NKEYS keys,
-# and prints Redis' `usec_per_call` per round (INFO commandstats). The cost grows as the
-# windows fill with slots (up to 21 each), so run enough rounds to see the steady state:
-# an organisation's minute window is full after a minute of load.
-# COMPARE=file.lua alternates rounds with another script on keys of its own, for an A/B
-# (paired rounds agree within ~10% on this machine; the level drifts between rounds).
-# Usage: bench/redis-script.sh   (ROUNDS=12 N=60000 NKEYS=10000 COMPARE= to change).
+# and prints Redis' `usec_per_call` per round (INFO commandstats), with the slots in the
+# organisation's minute window (full, 21, after a minute of load: the steady state, where an
+# earlier script that read every slot cost the most).
+# BATCH=n sends n decisions per run, as a busy node's batches do (per decision: the run's
+# usec_per_call / n). COMPARE=file.lua alternates rounds with another script taking the same
+# arguments, on keys of its own, for an A/B (paired rounds agree within ~10% on this
+# machine; the level drifts between rounds).
+# Usage: bench/redis-script.sh   (ROUNDS=12 N=60000 NKEYS=10000 BATCH=1 COMPARE= to change).
 # Installs redis-server (with redis-benchmark) when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-12}
 N=${N:-60000}
+BATCH=${BATCH:-1}
 NKEYS=${NKEYS:-10000}
 COMPARE=${COMPARE:-}
 PORT=19016
@@ -42,21 +45,26 @@ scripts=("$RUN/keyward.lua")
 declare -A sha
 for s in "${scripts[@]}"; do sha[$s]=$(cli script load "$(cat "$s")"); done
 
-echo "usec of Redis CPU per decision (usec_per_call), $N calls per round over $NKEYS keys"
+echo "usec of Redis CPU per decision (usec_per_call / BATCH), $N runs of $BATCH per round over $NKEYS keys"
 for round in $(seq 1 "$ROUNDS"); do
   line="round $round:"
   for i in "${!scripts[@]}"; do
     org="org_$i"
+    # What keyward sends for BATCH decisions, each of cost 1 for a random key: three limits
+    # (key quota 60 s, organisation minute and hour, all too high to refuse), no credits.
+    keys=() args=("$BATCH")
+    for _ in $(seq 1 "$BATCH"); do
+      keys+=("kw:{$org}:window:key:__rand_int__" "kw:{$org}:window:minute" "kw:{$org}:window:hour")
+      args+=(1 3 1000000000 60000 1000000000 60000 1000000000 3600000 0)
+    done
     cli config resetstat > /dev/null
-    # The arguments keyward sends: cost 1, three limits (key quota 60 s, organisation minute
-    # and hour, all too high to refuse), no credits.
-    redis-benchmark -p $PORT -c 16 -n "$N" -r "$NKEYS" -q evalsha "${sha[${scripts[$i]}]}" 3 \
-      "kw:{$org}:key:__rand_int__" "kw:{$org}:minute" "kw:{$org}:hour" \
-      1 3 1000000000 60000 1000000000 60000 1000000000 3600000 0 > /dev/null
+    redis-benchmark -p $PORT -c 16 -n "$N" -r "$NKEYS" -q evalsha "${sha[${scripts[$i]}]}" \
+      "${#keys[@]}" "${keys[@]}" "${args[@]}" > /dev/null
     usec=$(cli info commandstats | tr -d '\r' | sed -n 's/^cmdstat_evalsha:.*usec_per_call=\([0-9.]*\).*/\1/p')
+    per_decision=$(python3 -c "print(round($usec / $BATCH, 2))")
     # Slots are the fields named by a number (a window also keeps its total and oldest slot).
-    slots=$(cli hkeys "kw:{$org}:minute" | grep -c '^[0-9]' || true)
-    line="$line $(basename "${scripts[$i]}")=$usec (minute window: $slots slots)"
+    slots=$(cli hkeys "kw:{$org}:window:minute" | grep -c '^[0-9]' || true)
+    line="$line $(basename "${scripts[$i]}")=$per_decision (minute window: $slots slots)"
   done
   echo "$line"
 done

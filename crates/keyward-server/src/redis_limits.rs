@@ -1,9 +1,14 @@
 //! The `redis` rate-limit backend: every node shares one limit, never exceeded in any rolling
-//! window (see [`SCRIPT`] for how it is counted). One round trip per decision: a Lua script
-//! evicts, checks every limit and the credits, and charges all or nothing, with Redis' own
-//! clock so node clocks cannot skew the windows. All keys of one
-//! decision carry the organisation as hash tag: one Redis Cluster slot per decision, ready for a
-//! cluster client (keyward connects to a single endpoint for now).
+//! window (see [`SCRIPT`] for how it is counted). A Lua script evicts, checks every limit and
+//! the credits, and charges all or nothing, with Redis' own clock so node clocks cannot skew
+//! the windows. Each worker thread sends its decisions in batches: while one script run is on
+//! its way, the decisions that arrive meanwhile queue and go together in the next, decided one
+//! after the other, exactly as separate runs would decide them. A batch waits for nothing but
+//! the run before it, so an idle node sends batches of one.
+//!
+//! All keys of one decision carry the organisation as hash tag (one Redis Cluster slot per
+//! decision); keyward connects to a single endpoint for now, and a cluster client would have to
+//! split batches by slot.
 
 use std::cell::RefCell;
 use std::time::Duration;
@@ -14,6 +19,7 @@ use keyward_core::ids::KeyId;
 use keyward_core::ratelimit::{self, Verdict};
 use keyward_core::{ErrorCode, Timestamp};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::limits::{BackendError, LimitBackend, LimitPlan, LimitReport, Policy};
 
@@ -25,35 +31,35 @@ use crate::limits::{BackendError, LimitBackend, LimitPlan, LimitReport, Policy};
 /// request that the exact rule would count: never more than `limit` in any rolling window, and
 /// a refused caller waits at most `window / 20` longer than the exact rule would make it wait.
 ///
-/// An allowed decision reads `n` and `lo` only, so its cost does not grow with the slots; the
-/// slots are read when the oldest has left (about once per slot length per window: evict,
-/// count again) and on a refusal, which sorts them to say when the request would fit.
+/// A decision reads a window's `n` and `lo` only, so its cost does not grow with the slots;
+/// the slots are read when the oldest has left (about once per slot length per window: evict,
+/// count again) and on a refusal, which sorts them to say when the request would fit. In a
+/// batch, each window is read once and charged once, after the last decision: an
+/// organisation's windows cost the same for a batch as for one request.
 ///
-/// The answer is one string of integers (see [`parse_answer`]): `status, credits left`, then per
-/// limit `remaining, reset ms, retry ms` (retry is -1 unless that limit refused).
+/// `ARGV[1]` is the number of decisions; then per decision `cost, n`, per limit
+/// `limit, window ms`, and `1, stored credits, version, refill, period` or `0`. `KEYS` holds
+/// per decision its `n` windows, then its credits if any. The answer is one string of integers
+/// (see [`parse_answer`]), per decision `status, credits left`, then per limit
+/// `remaining, reset ms, retry ms` (retry is -1 unless that limit refused).
 const SCRIPT: &str = r#"
-local tonumber, floor, max = tonumber, math.floor, math.max
+local tonumber, floor, max, fmt = tonumber, math.floor, math.max, string.format
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + floor(tonumber(t[2]) / 1000)
-local cost = tonumber(ARGV[1])
-local n = tonumber(ARGV[2])
-local out = {0, -1}
-local all_ok = true
-local oldest = {}
-for i = 1, n do
-  local key = KEYS[i]
-  local limit = tonumber(ARGV[1 + 2 * i])
-  local window = tonumber(ARGV[2 + 2 * i])
+
+-- Each window is read once per batch; its charges are written once, after every decision.
+local windows, order = {}, {}
+local function load(key, window)
+  local w = windows[key]
+  if w then return w end
   local h = redis.call('HMGET', key, 'n', 'lo')
-  local used = tonumber(h[1]) or 0
-  local lo = tonumber(h[2]) or -1
-  local slots = nil
-  if lo >= 0 and lo + window <= now then
+  -- `pending`: units charged in this batch, by slot; `window`: the longest length seen.
+  w = {used = tonumber(h[1]) or 0, lo = tonumber(h[2]) or -1, add = 0, pending = {}, window = 0}
+  if w.lo >= 0 and w.lo + window <= now then
     -- The oldest slot has left: evict every slot that has, and count the rest again. This
     -- happens about once per slot length per window, and copes with a changed window length.
-    slots = redis.call('HGETALL', key)
-    used, lo = 0, -1
-    local gone = {}
+    local slots = redis.call('HGETALL', key)
+    local used, lo, gone = 0, -1, {}
     for f = 1, #slots, 2 do
       local e = tonumber(slots[f])
       if e then
@@ -71,113 +77,213 @@ for i = 1, n do
       if #gone > 0 then redis.call('HDEL', key, unpack(gone)) end
       redis.call('HSET', key, 'n', used, 'lo', lo)
     end
+    w.used, w.lo = used, lo
   end
-  oldest[i] = lo
-  local remaining = 0
-  local retry = -1
-  if used + cost <= limit then
-    remaining = limit - used - cost
-  else
-    all_ok = false
-    remaining = max(limit - used, 0)
-    if cost > limit then
-      retry = window
-    else
-      -- When enough of the oldest slots have left for the request to fit.
-      slots = slots or redis.call('HGETALL', key)
-      local live = {}
-      for f = 1, #slots, 2 do
-        local e = tonumber(slots[f])
-        if e and e + window > now then live[#live + 1] = {e + window, tonumber(slots[f + 1])} end
-      end
-      table.sort(live, function(a, b) return a[1] < b[1] end)
-      local need = used + cost - limit
-      for _, slot in ipairs(live) do
-        need = need - slot[2]
-        if need <= 0 then
-          retry = max(slot[1] - now, 0)
-          break
-        end
-      end
-      -- Only if the total and the slots disagreed, which a script never leaves behind.
-      if retry < 0 then retry = window end
-    end
-  end
-  local reset = 0
-  if retry >= 0 then reset = retry end
-  local o = #out
-  out[o + 1] = remaining
-  out[o + 2] = reset
-  out[o + 3] = retry
+  w.stored_lo = w.lo
+  windows[key] = w
+  order[#order + 1] = key
+  return w
 end
-local status = 0
-if not all_ok then status = 1 end
-local c = 3 + 2 * n
-if tonumber(ARGV[c]) == 1 then
-  local ck = KEYS[n + 1]
-  local stored = tonumber(ARGV[c + 1])
-  local version = tonumber(ARGV[c + 2])
-  local refill = tonumber(ARGV[c + 3])
-  local period = tonumber(ARGV[c + 4])
-  local h = redis.call('HMGET', ck, 'v', 'r', 'p')
-  local r, p = tonumber(h[2]), tonumber(h[3])
-  if tonumber(h[1]) ~= version or not r then
-    r, p = stored, period
-    redis.call('HSET', ck, 'v', version, 'r', r, 'p', p)
+
+-- When enough of the oldest units have left for `need` more to fit: the stored slots plus
+-- this batch's charges, oldest first.
+local function wait_for(key, w, window, need)
+  local by_end = {}
+  local slots = redis.call('HGETALL', key)
+  for f = 1, #slots, 2 do
+    local e = tonumber(slots[f])
+    if e and e + window > now then by_end[e] = (by_end[e] or 0) + tonumber(slots[f + 1]) end
   end
-  if refill >= 0 and p ~= period then
-    r, p = refill, period
-    redis.call('HSET', ck, 'r', r, 'p', p)
+  for e, units in pairs(w.pending) do by_end[e] = (by_end[e] or 0) + units end
+  local live = {}
+  for e, units in pairs(by_end) do live[#live + 1] = {e + window, units} end
+  table.sort(live, function(a, b) return a[1] < b[1] end)
+  for _, slot in ipairs(live) do
+    need = need - slot[2]
+    if need <= 0 then return max(slot[1] - now, 0) end
   end
-  if status == 0 then
-    if r < cost then
-      status = 2
-    else
-      r = redis.call('HINCRBY', ck, 'r', -cost)
-    end
-  end
-  out[2] = r
+  -- Only if the total and the slots disagreed, which a script never leaves behind.
+  return window
 end
--- The slot this request falls in, per limit: its last millisecond names it.
-local function slot_end(window)
-  local size = max(floor(window / 20), 1)
-  return (floor(now / size) + 1) * size - 1
-end
-if all_ok and n > 0 then
-  -- The binding limit, as keyward_core::ratelimit::binding picks it when nothing is refused:
-  -- fewest units left, then the smallest limit, the first on ties.
-  local b = 1
-  for i = 2, n do
-    local rem, lim = out[3 * i], tonumber(ARGV[1 + 2 * i])
-    local brem, blim = out[3 * b], tonumber(ARGV[1 + 2 * b])
-    if rem < brem or (rem == brem and lim < blim) then b = i end
-  end
-  local window = tonumber(ARGV[2 + 2 * b])
-  if oldest[b] >= 0 then
-    out[3 * b + 1] = max(oldest[b] + window - now, 0)
-  elseif cost > 0 then
-    out[3 * b + 1] = slot_end(window) + window - now
-  end
-end
-if status == 0 and cost > 0 then
+
+local res = {}
+local k, a = 1, 2
+-- Per limit of the decision at hand (reused: a decision has at most three).
+local ws, limits, windows_ms, slot_ends, oldest = {}, {}, {}, {}, {}
+for _ = 1, tonumber(ARGV[1]) do
+  local cost, n = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  a = a + 2
+  local base = #res
+  res[base + 1] = 0
+  res[base + 2] = -1
+  local all_ok = true
   for i = 1, n do
-    local key = KEYS[i]
-    local window = tonumber(ARGV[2 + 2 * i])
-    local e = slot_end(window)
-    redis.call('HINCRBY', key, 'n', cost)
-    if redis.call('HINCRBY', key, string.format('%d', e), cost) == cost then
-      if oldest[i] < 0 or e < oldest[i] then redis.call('HSET', key, 'lo', e) end
-      -- The hash lives as long as its newest slot counts. A new slot is the newest unless the
-      -- window's length (so its slot length) changed, or Redis' clock stepped back.
-      local ttl = e + window - now + 1
-      if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
+    local key = KEYS[k]
+    local limit, window = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+    k, a = k + 1, a + 2
+    local w = load(key, window)
+    w.window = max(w.window, window)
+    local size = max(floor(window / 20), 1)
+    ws[i], limits[i], windows_ms[i], oldest[i] = w, limit, window, w.lo
+    -- The slot this request falls in: its last millisecond names it.
+    slot_ends[i] = (floor(now / size) + 1) * size - 1
+    local remaining, retry = 0, -1
+    if w.used + cost <= limit then
+      remaining = limit - w.used - cost
+    else
+      all_ok = false
+      remaining = max(limit - w.used, 0)
+      if cost > limit then
+        retry = window
+      else
+        retry = wait_for(key, w, window, w.used + cost - limit)
+      end
+    end
+    local o = base + 3 * i
+    res[o] = remaining
+    -- A refused limit resets when the request fits; an allowed one's reset is only reported
+    -- for the binding limit, below.
+    res[o + 1] = max(retry, 0)
+    res[o + 2] = retry
+  end
+  local status = 0
+  if not all_ok then status = 1 end
+  if tonumber(ARGV[a]) == 1 then
+    local ck = KEYS[k]
+    local stored, version = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+    local refill, period = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
+    k, a = k + 1, a + 5
+    local h = redis.call('HMGET', ck, 'v', 'r', 'p')
+    local r, p = tonumber(h[2]), tonumber(h[3])
+    if tonumber(h[1]) ~= version or not r then
+      r, p = stored, period
+      redis.call('HSET', ck, 'v', version, 'r', r, 'p', p)
+    end
+    if refill >= 0 and p ~= period then
+      r, p = refill, period
+      redis.call('HSET', ck, 'r', r, 'p', p)
+    end
+    if status == 0 then
+      if r < cost then
+        status = 2
+      else
+        r = redis.call('HINCRBY', ck, 'r', -cost)
+      end
+    end
+    res[base + 2] = r
+  else
+    a = a + 1
+  end
+  if all_ok and n > 0 then
+    -- The binding limit, as keyward_core::ratelimit::binding picks it when nothing is
+    -- refused: fewest units left, then the smallest limit, the first on ties.
+    local b = 1
+    for i = 2, n do
+      local rem, brem = res[base + 3 * i], res[base + 3 * b]
+      if rem < brem or (rem == brem and limits[i] < limits[b]) then b = i end
+    end
+    if oldest[b] >= 0 then
+      res[base + 3 * b + 1] = max(oldest[b] + windows_ms[b] - now, 0)
+    elseif cost > 0 then
+      res[base + 3 * b + 1] = slot_ends[b] + windows_ms[b] - now
     end
   end
+  if status == 0 and cost > 0 then
+    for i = 1, n do
+      local w, e = ws[i], slot_ends[i]
+      w.used, w.add = w.used + cost, w.add + cost
+      w.pending[e] = (w.pending[e] or 0) + cost
+      if w.lo < 0 or e < w.lo then w.lo = e end
+    end
+  end
+  res[base + 1] = status
 end
-out[1] = status
-for j = 1, #out do out[j] = string.format('%d', out[j]) end
-return table.concat(out, ' ')
+
+for _, key in ipairs(order) do
+  local w = windows[key]
+  if w.add > 0 then
+    redis.call('HINCRBY', key, 'n', w.add)
+    local ttl = 0
+    for e, units in pairs(w.pending) do
+      if redis.call('HINCRBY', key, fmt('%d', e), units) == units then
+        -- A new slot. The hash lives as long as its newest slot counts; a new slot is the
+        -- newest unless the window's length (so its slot length) changed, or Redis' clock
+        -- stepped back.
+        ttl = max(ttl, e + w.window - now + 1)
+      end
+    end
+    if w.lo ~= w.stored_lo then redis.call('HSET', key, 'lo', w.lo) end
+    if ttl > 0 and redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
+  end
+end
+for j = 1, #res do res[j] = fmt('%d', res[j]) end
+return table.concat(res, ' ')
 "#;
+
+/// The most decisions sent in one script run.
+const MAX_BATCH: usize = 64;
+
+thread_local! {
+    // One queue per worker thread, drained by a task on that thread's runtime with a
+    // multiplexed connection of its own.
+    static QUEUE: RefCell<Option<mpsc::UnboundedSender<Decision>>> = const { RefCell::new(None) };
+}
+
+/// One decision's part of a batch, and where its answer goes.
+struct Decision {
+    keys: Vec<String>,
+    args: Vec<i64>,
+    /// How many integers of the batch's answer are this decision's.
+    answer_len: usize,
+    reply: oneshot::Sender<Result<Vec<i64>, String>>,
+}
+
+/// Sends what queued while the previous run was on its way as the next run, until every
+/// queue handle is gone. A failed run fails each of its decisions, which then follow
+/// `on_backend_error`.
+async fn send_batches(
+    mut conn: ConnectionManager,
+    script: redis::Script,
+    mut decisions: mpsc::UnboundedReceiver<Decision>,
+) {
+    let runs = metrics::counter!("keyward_ratelimit_redis_runs_total");
+    let decided = metrics::counter!("keyward_ratelimit_redis_decisions_total");
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while decisions.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        runs.increment(1);
+        decided.increment(batch.len() as u64);
+        let mut invocation = script.prepare_invoke();
+        invocation.arg(batch.len());
+        for decision in &batch {
+            for key in &decision.keys {
+                invocation.key(key);
+            }
+            invocation.arg(&decision.args);
+        }
+        let answer_len = batch.iter().map(|d| d.answer_len).sum();
+        let answer = match invocation.invoke_async::<String>(&mut conn).await {
+            Ok(answer) => parse_answer(&answer, answer_len)
+                .ok_or_else(|| "unexpected answer from the rate-limit script".to_owned()),
+            Err(e) => Err(e.to_string()),
+        };
+        match answer {
+            Ok(answer) => {
+                let mut rest = answer.as_slice();
+                for decision in batch.drain(..) {
+                    let (own, tail) = rest.split_at(decision.answer_len);
+                    rest = tail;
+                    // The caller may have given up (its request ended); nothing to do then.
+                    let _ = decision.reply.send(Ok(own.to_vec()));
+                }
+            }
+            Err(e) => {
+                for decision in batch.drain(..) {
+                    let _ = decision.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
 
 /// The script's answer: `len` integers separated by single spaces. One bulk string, because
 /// the client's reply parser costs about as much per array element as this whole parse.
@@ -189,9 +295,8 @@ fn parse_answer(answer: &str, len: usize) -> Option<Vec<i64>> {
     (out.len() == len).then_some(out)
 }
 
-thread_local! {
-    // One multiplexed connection per worker thread, driven by that thread's runtime.
-    static CONNECTION: RefCell<Option<ConnectionManager>> = const { RefCell::new(None) };
+fn saturating(units: u64) -> i64 {
+    i64::try_from(units).unwrap_or(i64::MAX)
 }
 
 pub struct RedisBackend {
@@ -218,17 +323,21 @@ impl RedisBackend {
         })
     }
 
-    fn connection(&self) -> Result<ConnectionManager, BackendError> {
-        CONNECTION.with(|cell| {
+    /// This worker thread's queue, with its batch sender started on first use (and again if
+    /// the runtime that ran the last one is gone).
+    fn queue(&self) -> Result<mpsc::UnboundedSender<Decision>, BackendError> {
+        QUEUE.with(|cell| {
             let mut slot = cell.borrow_mut();
-            if let Some(conn) = slot.as_ref() {
-                return Ok(conn.clone());
+            if let Some(queue) = slot.as_ref().filter(|q| !q.is_closed()) {
+                return Ok(queue.clone());
             }
             let conn =
                 ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())
                     .map_err(|e| BackendError(e.to_string()))?;
-            *slot = Some(conn.clone());
-            Ok(conn)
+            let (queue, decisions) = mpsc::unbounded_channel();
+            tokio::spawn(send_batches(conn, self.script.clone(), decisions));
+            *slot = Some(queue.clone());
+            Ok(queue)
         })
     }
 
@@ -263,18 +372,18 @@ impl LimitBackend for RedisBackend {
         plan: &LimitPlan<'_>,
         now: Timestamp,
     ) -> Result<LimitReport, BackendError> {
-        let mut conn = self.connection()?;
-        let mut invocation = self.script.prepare_invoke();
+        let mut keys = Vec::with_capacity(plan.limits.len() + 1);
+        let mut args = Vec::with_capacity(3 + 2 * plan.limits.len() + 5);
         for (policy, _) in &plan.limits {
-            invocation.key(Self::redis_key(plan, *policy));
+            keys.push(Self::redis_key(plan, *policy));
         }
-        invocation.arg(plan.cost).arg(plan.limits.len());
+        args.extend([saturating(plan.cost), plan.limits.len() as i64]);
         for (_, limit) in &plan.limits {
-            invocation.arg(limit.limit).arg(limit.window_ms);
+            args.extend([saturating(limit.limit), limit.window_ms]);
         }
         match &plan.credits {
             Some(credits) => {
-                invocation.key(Self::org_key(plan, "c:", plan.key_id));
+                keys.push(Self::org_key(plan, "c:", plan.key_id));
                 let (refill, period) = match &credits.refill {
                     Some(r) => (
                         r.amount,
@@ -282,23 +391,24 @@ impl LimitBackend for RedisBackend {
                     ),
                     None => (-1, -1),
                 };
-                invocation
-                    .arg(1)
-                    .arg(credits.stored_remaining)
-                    .arg(credits.version)
-                    .arg(refill)
-                    .arg(period);
+                args.extend([1, credits.stored_remaining, credits.version, refill, period]);
             }
-            None => {
-                invocation.arg(0);
-            }
+            None => args.push(0),
         }
-        let answer: String = invocation
-            .invoke_async(&mut conn)
+        let (reply, answer) = oneshot::channel();
+        let decision = Decision {
+            keys,
+            args,
+            answer_len: 2 + 3 * plan.limits.len(),
+            reply,
+        };
+        self.queue()?
+            .send(decision)
+            .map_err(|_| BackendError("the rate-limit batch sender stopped".into()))?;
+        let out = answer
             .await
-            .map_err(|e| BackendError(e.to_string()))?;
-        let out = parse_answer(&answer, 2 + 3 * plan.limits.len())
-            .ok_or_else(|| BackendError("unexpected answer from the rate-limit script".into()))?;
+            .map_err(|_| BackendError("the rate-limit batch sender stopped".into()))?
+            .map_err(BackendError)?;
         let verdicts: Vec<(Policy, Verdict)> = plan
             .limits
             .iter()

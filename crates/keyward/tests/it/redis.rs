@@ -4,6 +4,12 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use futures_util::future::join_all;
+use keyward_core::Timestamp;
+use keyward_core::ids::{KeyId, OrgId};
+use keyward_core::ratelimit::Limit;
+use keyward_server::limits::{LimitBackend, LimitPlan, Policy};
+use keyward_server::redis_limits::RedisBackend;
 use reqwest::Method;
 use serde_json::json;
 
@@ -151,6 +157,102 @@ async fn two_nodes_share_one_exact_limit() {
         r.assert_error(429, "rate_limit_exceeded");
         assert_eq!(r.header("x-ratelimit-limit"), Some("40"));
     }
+    // Concurrent requests shared script runs.
+    let (mut runs, mut decisions) = (0.0, 0.0);
+    for node in [&a, &b] {
+        let metrics = node.metrics().await;
+        runs += metric(&metrics, "keyward_ratelimit_redis_runs_total");
+        decisions += metric(&metrics, "keyward_ratelimit_redis_decisions_total");
+    }
+    assert_eq!(decisions, 162.0);
+    assert!(runs < decisions, "{runs} runs for {decisions} decisions");
+}
+
+/// A key's quota of 4 a minute and its organisation's 9 a minute.
+fn plan<'a>(org_id: &'a OrgId, key_id: &'a KeyId, cost: u64) -> LimitPlan<'a> {
+    LimitPlan {
+        key_id: Some(key_id),
+        org_id,
+        limits: vec![
+            (
+                Policy::Key,
+                Limit {
+                    limit: 4,
+                    window_ms: 60_000,
+                },
+            ),
+            (
+                Policy::OrgMinute,
+                Limit {
+                    limit: 9,
+                    window_ms: 60_000,
+                },
+            ),
+        ],
+        cost,
+        credits: None,
+    }
+}
+
+/// Decisions that queue while a script run is on its way go together in the next run, and
+/// are decided one after the other: exactly what separate runs would have answered.
+#[tokio::test(flavor = "current_thread")]
+async fn queued_decisions_go_in_one_run_in_order() {
+    let redis = RedisServer::start().await;
+    let backend = RedisBackend::new(&redis.url()).unwrap();
+    let (org, key, other) = (OrgId::generate(), KeyId::generate(), KeyId::generate());
+    let now = Timestamp::from_millis(0);
+    // Connects and loads the script, so that the batch below is one EVALSHA.
+    let first = backend.decide(&plan(&org, &key, 1), now).await.unwrap();
+    assert_eq!(first.refused, None);
+    redis.cli(&["config", "resetstat"]);
+
+    // Seven for the key (three left), then three for another key of the same organisation
+    // (the organisation has 8 left).
+    let plans: Vec<_> = (0..7)
+        .map(|_| plan(&org, &key, 1))
+        .chain((0..3).map(|_| plan(&org, &other, 3)))
+        .collect();
+    let reports = join_all(plans.iter().map(|p| backend.decide(p, now))).await;
+    let stats = redis.cli(&["info", "commandstats"]);
+    assert!(stats.contains("cmdstat_evalsha:calls=1,"), "{stats}");
+
+    let outcome: Vec<_> = reports
+        .into_iter()
+        .map(|r| {
+            let r = r.unwrap();
+            if r.refused.is_some() {
+                // Until the first units leave the minute (3 s slots).
+                let retry = r
+                    .verdicts
+                    .iter()
+                    .filter_map(|(_, v)| v.retry_after_ms)
+                    .max();
+                assert!(matches!(retry, Some(57_000..=63_000)), "{retry:?}");
+            }
+            (
+                r.refused.is_none(),
+                r.verdicts[0].1.remaining,
+                r.verdicts[1].1.remaining,
+            )
+        })
+        .collect();
+    assert_eq!(
+        outcome,
+        [
+            (true, 2, 7),
+            (true, 1, 6),
+            (true, 0, 5),
+            (false, 0, 5),
+            (false, 0, 5),
+            (false, 0, 5),
+            (false, 0, 5),
+            // The other key: 3 units each, while the organisation has 5 left, then 2.
+            (true, 1, 2),
+            (false, 1, 2),
+            (false, 1, 2),
+        ]
+    );
 }
 
 /// The headers on the Redis backend say what they say on the memory backend: the binding
