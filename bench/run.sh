@@ -47,7 +47,7 @@ sed "s#__RUN__#$RUN#g" bench/nginx-keyauth.conf > "$RUN/keyauth.conf"
 nginx -c "$RUN/keyauth.conf" -p "$RUN" & pids+=($!); keyauth_master=$!
 sed "s#__RUN__#$RUN#g" bench/haproxy.cfg > "$RUN/haproxy.cfg"
 haproxy -f "$RUN/haproxy.cfg" -db > "$RUN/haproxy.log" 2>&1 & pids+=($!); haproxy_pid=$!
-redis-server --port 19005 --bind 127.0.0.1 --save "" --appendonly no > /dev/null & pids+=($!)
+redis-server --port 19005 --bind 127.0.0.1 --save "" --appendonly no > /dev/null & pids+=($!); redis_pid=$!
 keyward_config 19004 19014 redis://127.0.0.1:19005/ > "$RUN/kw-redis/keyward.toml"
 (cd "$RUN/kw-redis" && exec "$BIN" serve > out.log 2> err.log) & pids+=($!); kw_redis_pid=$!
 PG_URL=$(scripts/pg-up)
@@ -113,21 +113,24 @@ cpu_ticks() { # pids → user+system clock ticks of all their threads
 }
 TICK_US=$((1000000 / $(getconf CLK_TCK)))
 
-measure() { # scenario → "rps p50_ms p99_ms non2xx cpu_us_per_request"
+measure() { # scenario → "rps p50_ms p99_ms non2xx cpu_us_per_request redis_cpu_us_per_request"
   local extra="" keys="$RUN/keys.txt"
   [ "$1" = e ] && extra="X-Forwarded-Uri: /bench/x"
   [ "$1" = g ] && keys="$RUN/keys-pg.txt"
   KEYS_FILE="$keys" EXTRA_HEADER="$extra" wrk -t"$THREADS" -c"$CONNECTIONS" -d2s -s bench/keys.lua "${URL[$1]}" > /dev/null
-  local before after
+  local before after redis_before redis_after
   before=$(cpu_ticks ${GATEWAY[$1]})
+  redis_before=$(cpu_ticks $redis_pid)
   local out
   out=$(KEYS_FILE="$keys" EXTRA_HEADER="$extra" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -s bench/keys.lua "${URL[$1]}")
   after=$(cpu_ticks ${GATEWAY[$1]})
-  echo "$out" | awk -v ticks=$((after - before)) -v tick_us="$TICK_US" '
+  redis_after=$(cpu_ticks $redis_pid)
+  echo "$out" | awk -v ticks=$((after - before)) -v redis_ticks=$((redis_after - redis_before)) -v tick_us="$TICK_US" '
       function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
       /^ +50%/ { p50 = ms($2) } /^ +99%/ { p99 = ms($2) } /^Requests\/sec/ { rps = $2 }
       / requests in / { n = $1 }
-      /Non-2xx/ { bad = $NF } END { printf "%s %s %s %s %.1f\n", rps, p50, p99, (bad ? bad : 0), (n ? ticks * tick_us / n : 0) }'
+      /Non-2xx/ { bad = $NF }
+      END { printf "%s %s %s %s %.1f %.1f\n", rps, p50, p99, (bad ? bad : 0), (n ? ticks * tick_us / n : 0), (n ? redis_ticks * tick_us / n : 0) }'
 }
 
 declare -A RESULTS
@@ -160,4 +163,7 @@ if [[ " $SCENARIOS " == *" f "* ]]; then
   mem=$(redis-cli -p 19005 info memory | tr -d '\r' | awk -F: '/^used_memory_human:/ {u=$2} /^used_memory_peak_human:/ {p=$2} END {print u " (peak " p ")"}')
   echo
   echo "Redis after the f rounds: used_memory $mem, $(redis-cli -p 19005 dbsize | tr -d '\r') keys"
+  # Redis' own CPU, and how many decisions keyward sent per script run (its batches).
+  batch=$(curl -s http://127.0.0.1:19014/metrics | awk '/^keyward_ratelimit_redis_runs_total/ {r=$2} /^keyward_ratelimit_redis_decisions_total/ {d=$2} END {if (r) printf "%.1f", d / r}')
+  echo "Redis CPU per f request (median of rounds): $(echo "${RESULTS[f]}" | median 6) µs; decisions per script run: $batch"
 fi
