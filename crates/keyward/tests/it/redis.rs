@@ -104,6 +104,13 @@ fn config(redis: &RedisServer, mode: &str) -> String {
     )
 }
 
+/// A redis-server and a keyward node on it that answers 503 while Redis is unreachable.
+async fn node_denying_on_outage() -> (RedisServer, TestServer) {
+    let redis = RedisServer::start().await;
+    let node = TestServer::start_with_config(&config(&redis, "deny"), &[]).await;
+    (redis, node)
+}
+
 async fn hammer(base: String, key: String, n: usize) -> Vec<u16> {
     let client = reqwest::Client::new();
     let mut out = Vec::with_capacity(n);
@@ -124,8 +131,7 @@ async fn hammer(base: String, key: String, n: usize) -> Vec<u16> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_share_one_exact_limit() {
-    let redis = RedisServer::start().await;
-    let a = TestServer::start_with_config(&config(&redis, "deny"), &[]).await;
+    let (_redis, a) = node_denying_on_outage().await;
     // The second node: same store file, same Redis, its own process.
     let b = TestServer::start_in(a.dir.clone(), &[]).await;
     let (_, key) = a
@@ -260,8 +266,7 @@ async fn queued_decisions_go_in_one_run_in_order() {
 /// in slots of window / 20 (3 s here), so the waits may be up to one slot longer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_headers_report_the_binding_limit() {
-    let redis = RedisServer::start().await;
-    let s = TestServer::start_with_config(&config(&redis, "deny"), &[]).await;
+    let (_redis, s) = node_denying_on_outage().await;
     let (_, key) = s
         .create_key(json!({"quota_requests": 3, "quota_window": 60}))
         .await;
@@ -286,8 +291,7 @@ async fn redis_headers_report_the_binding_limit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credits_are_shared_across_nodes() {
-    let redis = RedisServer::start().await;
-    let a = TestServer::start_with_config(&config(&redis, "deny"), &[]).await;
+    let (_redis, a) = node_denying_on_outage().await;
     let b = TestServer::start_in(a.dir.clone(), &[]).await;
     let (_, key) = a
         .create_key(json!({"remaining": 15, "quota_requests": 1000}))
@@ -402,8 +406,7 @@ impl Window {
 /// and a window frees up again as its slots leave it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_windows_stay_bounded_and_slide() {
-    let redis = RedisServer::start().await;
-    let s = TestServer::start_with_config(&config(&redis, "deny"), &[]).await;
+    let (redis, s) = node_denying_on_outage().await;
     // A 2 s window: 100 ms slots.
     let (busy_id, busy) = s
         .create_key(json!({"quota_requests": 1000, "quota_window": 2}))
@@ -461,8 +464,7 @@ async fn redis_windows_stay_bounded_and_slide() {
 /// counted under the new length, the window stays consistent, and it does not expire early.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_quota_window_keeps_its_units() {
-    let redis = RedisServer::start().await;
-    let s = TestServer::start_with_config(&config(&redis, "deny"), &[]).await;
+    let (redis, s) = node_denying_on_outage().await;
     // An hour: slots of 3 min, whose last millisecond lies minutes ahead.
     let (id, key) = s
         .create_key(json!({"quota_requests": 3, "quota_window": 3600}))
