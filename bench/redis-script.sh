@@ -9,13 +9,17 @@
 # usec_per_call / n). COMPARE=file.lua alternates rounds with another script taking the same
 # arguments, on keys of its own, for an A/B (paired rounds agree within ~10% on this
 # machine; the level drifts between rounds).
-# Usage: bench/redis-script.sh   (ROUNDS=12 N=60000 NKEYS=10000 BATCH=1 COMPARE= to change).
+# REFUSE=1 measures refusals instead (what a flood from keys over their quota costs Redis).
+# Usage: bench/redis-script.sh   (ROUNDS=12 N=60000 NKEYS=10000 BATCH=1 REFUSE=0 COMPARE= to
+#        change).
 # Installs redis-server (with redis-benchmark) when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-12}
 N=${N:-60000}
 BATCH=${BATCH:-1}
+KEY_LIMIT=1000000000
+[ "${REFUSE:-0}" = 1 ] && KEY_LIMIT=1
 NKEYS=${NKEYS:-10000}
 COMPARE=${COMPARE:-}
 PORT=19016
@@ -51,11 +55,12 @@ for round in $(seq 1 "$ROUNDS"); do
   for i in "${!scripts[@]}"; do
     org="org_$i"
     # What keyward sends for BATCH decisions, each of cost 1 for a random key: three limits
-    # (key quota 60 s, organisation minute and hour, all too high to refuse), no credits.
+    # (key quota 60 s, organisation minute and hour), no credits. All too high to refuse, or
+    # with REFUSE=1 a key quota of one request, so nearly every decision is a refusal.
     keys=() args=("$BATCH")
     for _ in $(seq 1 "$BATCH"); do
       keys+=("kw:{$org}:window:key:__rand_int__" "kw:{$org}:window:minute" "kw:{$org}:window:hour")
-      args+=(1 3 1000000000 60000 1000000000 60000 1000000000 3600000 0)
+      args+=(1 3 "$KEY_LIMIT" 60000 1000000000 60000 1000000000 3600000 0)
     done
     cli config resetstat > /dev/null
     redis-benchmark -p $PORT -c 16 -n "$N" -r "$NKEYS" -q evalsha "${sha[${scripts[$i]}]}" \
