@@ -194,6 +194,19 @@ impl TestServer {
         self.stderr.lock().unwrap().clone()
     }
 
+    /// Whether `needle` shows up on stdout within 5 s: a line the server wrote before
+    /// answering may still be on its way through the reader thread.
+    pub async fn wait_for_stdout(&self, needle: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.stdout().contains(needle) {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
     /// Sends a request with optional bearer key and JSON body.
     pub async fn call(
         &self,

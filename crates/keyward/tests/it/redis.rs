@@ -570,7 +570,7 @@ async fn redis_outage_in_each_mode_and_recovery() {
             "{mode}: errors are counted in /metrics"
         );
         assert!(
-            s.stdout().contains("rate-limit backend failed"),
+            s.wait_for_stdout("rate-limit backend failed").await,
             "{mode}: errors are logged"
         );
 
