@@ -25,6 +25,9 @@ pub const MAX_IP_RULES: usize = 100;
 pub const MAX_SCOPES: usize = 32;
 pub const MAX_META_BYTES: usize = 16 * 1024;
 pub const MAX_QUOTA_REQUESTS: u32 = 1_000_000_000;
+/// Credits and refill amounts: a quadrillion, below 2^53, so Redis' Lua (whose numbers are
+/// doubles) holds them exactly.
+pub const MAX_CREDITS: i64 = 1_000_000_000_000_000;
 pub const MAX_QUOTA_WINDOW: u32 = 30 * 24 * 60 * 60;
 pub const MAX_LEAK_REPORT: usize = 1_000;
 
@@ -223,10 +226,10 @@ fn validate_quota(requests: u32, window: u32) -> ApiResult<()> {
 }
 
 fn validate_credits(remaining: Option<i64>, refill: Option<&Refill>) -> ApiResult<()> {
-    if remaining.is_some_and(|r| r < 0) {
+    if remaining.is_some_and(|r| !(0..=MAX_CREDITS).contains(&r)) {
         return Err(ApiError::validation(
             "remaining",
-            "`remaining` must not be negative.",
+            format!("`remaining` must be between 0 and {MAX_CREDITS}."),
         ));
     }
     if let Some(refill) = refill {
@@ -236,10 +239,10 @@ fn validate_credits(remaining: Option<i64>, refill: Option<&Refill>) -> ApiResul
                 "`refill` needs `remaining` credits to refill.",
             ));
         }
-        if refill.amount < 1 {
+        if !(1..=MAX_CREDITS).contains(&refill.amount) {
             return Err(ApiError::validation(
                 "refill.amount",
-                "`refill.amount` must be at least 1.",
+                format!("`refill.amount` must be between 1 and {MAX_CREDITS}."),
             ));
         }
         if matches!(refill.interval, RefillInterval::Seconds(0)) {

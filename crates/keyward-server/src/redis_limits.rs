@@ -11,6 +11,7 @@
 //! split batches by slot.
 
 use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -52,9 +53,11 @@ local windows, order = {}, {}
 local function load(key, window)
   local w = windows[key]
   if w then return w end
-  local h = redis.call('HMGET', key, 'n', 'lo')
-  -- `pending`: units charged in this batch, by slot; `window`: the longest length seen.
-  w = {used = tonumber(h[1]) or 0, lo = tonumber(h[2]) or -1, add = 0, pending = {}, window = 0}
+  local h = redis.call('HMGET', key, 'n', 'lo', 'w')
+  -- `pending`: units charged in this batch, by slot; `window`: the longest length seen, and
+  -- `stored_window` the one the hash's expiry was last set for (`w`).
+  w = {used = tonumber(h[1]) or 0, lo = tonumber(h[2]) or -1, add = 0, pending = {}, window = 0,
+       stored_window = tonumber(h[3]) or -1}
   if w.lo >= 0 and w.lo + window <= now then
     -- The oldest slot has left: evict every slot that has, and count the rest again. This
     -- happens about once per slot length per window, and copes with a changed window length.
@@ -73,9 +76,10 @@ local function load(key, window)
     end
     if lo < 0 then
       redis.call('DEL', key)
+      w.stored_window = -1
     else
       if #gone > 0 then redis.call('HDEL', key, unpack(gone)) end
-      redis.call('HSET', key, 'n', used, 'lo', lo)
+      redis.call('HSET', key, 'n', fmt('%d', used), 'lo', fmt('%d', lo))
     end
     w.used, w.lo = used, lo
   end
@@ -150,18 +154,22 @@ for _ = 1, tonumber(ARGV[1]) do
   if not all_ok then status = 1 end
   if tonumber(ARGV[a]) == 1 then
     local ck = KEYS[k]
-    local stored, version = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-    local refill, period = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
+    -- Stored as the argument strings: a Lua number becomes text with 14 digits at most.
+    local stored_s, version_s, refill_s, period_s = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+    local stored, version = tonumber(stored_s), tonumber(version_s)
+    local refill, period = tonumber(refill_s), tonumber(period_s)
     k, a = k + 1, a + 5
     local h = redis.call('HMGET', ck, 'v', 'r', 'p')
-    local r, p = tonumber(h[2]), tonumber(h[3])
-    if tonumber(h[1]) ~= version or not r then
+    local v, r, p = tonumber(h[1]), tonumber(h[2]), tonumber(h[3])
+    -- Only forward: a node whose cached key is older, or whose clock is a period behind,
+    -- must not reset or refill credits again.
+    if not v or not r or v < version then
       r, p = stored, period
-      redis.call('HSET', ck, 'v', version, 'r', r, 'p', p)
+      redis.call('HSET', ck, 'v', version_s, 'r', stored_s, 'p', period_s)
     end
-    if refill >= 0 and p ~= period then
+    if refill >= 0 and (not p or p < period) then
       r, p = refill, period
-      redis.call('HSET', ck, 'r', r, 'p', p)
+      redis.call('HSET', ck, 'r', refill_s, 'p', period_s)
     end
     if status == 0 then
       if r < cost then
@@ -212,7 +220,18 @@ for _, key in ipairs(order) do
         ttl = max(ttl, e + w.window - now + 1)
       end
     end
-    if w.lo ~= w.stored_lo then redis.call('HSET', key, 'lo', w.lo) end
+    -- A longer window than the expiry was set for: the newest slot (this batch's) must
+    -- count for the longer one.
+    if w.window ~= w.stored_window then
+      for e in pairs(w.pending) do ttl = max(ttl, e + w.window - now + 1) end
+      if w.lo ~= w.stored_lo then
+        redis.call('HSET', key, 'lo', fmt('%d', w.lo), 'w', w.window)
+      else
+        redis.call('HSET', key, 'w', w.window)
+      end
+    elseif w.lo ~= w.stored_lo then
+      redis.call('HSET', key, 'lo', fmt('%d', w.lo))
+    end
     if ttl > 0 and redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
   end
 end
@@ -224,10 +243,14 @@ return table.concat(res, ' ')
 const MAX_BATCH: usize = 64;
 
 thread_local! {
-    // One queue per worker thread, drained by a task on that thread's runtime with a
-    // multiplexed connection of its own.
-    static QUEUE: RefCell<Option<mpsc::UnboundedSender<Decision>>> = const { RefCell::new(None) };
+    // One queue per worker thread and backend, drained by a task on that thread's runtime
+    // with a multiplexed connection of its own.
+    static QUEUES: RefCell<Vec<(u64, mpsc::UnboundedSender<Decision>)>> =
+        const { RefCell::new(Vec::new()) };
 }
+
+/// Tells backends apart in [`QUEUES`] (a process may hold more than one, each with its URL).
+static NEXT_BACKEND: AtomicU64 = AtomicU64::new(0);
 
 /// One decision's part of a batch, and where its answer goes.
 struct Decision {
@@ -300,6 +323,7 @@ fn saturating(units: u64) -> i64 {
 }
 
 pub struct RedisBackend {
+    id: u64,
     client: redis::Client,
     script: redis::Script,
     config: ConnectionManagerConfig,
@@ -316,6 +340,7 @@ impl RedisBackend {
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
         Ok(Self {
+            id: NEXT_BACKEND.fetch_add(1, Ordering::Relaxed),
             client,
             script: redis::Script::new(SCRIPT),
             config,
@@ -326,9 +351,10 @@ impl RedisBackend {
     /// This worker thread's queue, with its batch sender started on first use (and again if
     /// the runtime that ran the last one is gone).
     fn queue(&self) -> Result<mpsc::UnboundedSender<Decision>, BackendError> {
-        QUEUE.with(|cell| {
-            let mut slot = cell.borrow_mut();
-            if let Some(queue) = slot.as_ref().filter(|q| !q.is_closed()) {
+        QUEUES.with(|cell| {
+            let mut queues = cell.borrow_mut();
+            queues.retain(|(_, queue)| !queue.is_closed());
+            if let Some((_, queue)) = queues.iter().find(|(id, _)| *id == self.id) {
                 return Ok(queue.clone());
             }
             let conn =
@@ -336,7 +362,7 @@ impl RedisBackend {
                     .map_err(|e| BackendError(e.to_string()))?;
             let (queue, decisions) = mpsc::unbounded_channel();
             tokio::spawn(send_batches(conn, self.script.clone(), decisions));
-            *slot = Some(queue.clone());
+            queues.push((self.id, queue.clone()));
             Ok(queue)
         })
     }

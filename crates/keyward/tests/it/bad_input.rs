@@ -169,6 +169,11 @@ async fn bad_bodies_are_refused_precisely_and_change_nothing() {
         (json!({"endpoint": "no-such-route"}), "endpoint"),
         (json!({"project": "no-such-project"}), "project"),
         (json!({"remaining": -1}), "remaining"),
+        (json!({"remaining": 1_000_000_000_000_001_i64}), "remaining"),
+        (
+            json!({"remaining": 5, "refill": {"interval": "daily", "amount": 1_000_000_000_000_001_i64}}),
+            "refill.amount",
+        ),
         (
             json!({"refill": {"interval": "daily", "amount": 10}}),
             "refill",

@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 use keyward_core::Timestamp;
 use keyward_core::ids::{KeyId, OrgId};
+use keyward_core::key::{Refill, RefillInterval};
 use keyward_core::ratelimit::Limit;
-use keyward_server::limits::{LimitBackend, LimitPlan, Policy};
+use keyward_server::limits::{CreditPlan, LimitBackend, LimitPlan, Policy};
 use keyward_server::redis_limits::RedisBackend;
 use reqwest::Method;
 use serde_json::json;
@@ -261,6 +262,96 @@ async fn queued_decisions_go_in_one_run_in_order() {
     );
 }
 
+/// Credits in Redis only move forward: a node whose cached key is older (a smaller version),
+/// or whose clock is still in the previous refill period, neither resets nor refills them.
+/// Large counts are stored exactly (Lua would write a number over 14 digits as `1e+15`).
+#[tokio::test(flavor = "current_thread")]
+async fn credits_move_only_forward_and_stay_exact() {
+    let redis = RedisServer::start().await;
+    let backend = RedisBackend::new(&redis.url()).unwrap();
+    let (org, key) = (OrgId::generate(), KeyId::generate());
+    let spend = |stored_remaining, version, at_secs: i64| {
+        let backend = &backend;
+        let (org, key) = (&org, &key);
+        async move {
+            let plan = LimitPlan {
+                key_id: Some(key),
+                org_id: org,
+                limits: vec![],
+                cost: 1,
+                credits: Some(CreditPlan {
+                    stored_remaining,
+                    version,
+                    refill: Some(Refill {
+                        interval: RefillInterval::Seconds(10),
+                        amount: 5,
+                    }),
+                }),
+            };
+            let report = backend
+                .decide(&plan, Timestamp::from_millis(at_secs * 1000))
+                .await
+                .unwrap();
+            report.credits_remaining.unwrap()
+        }
+    };
+    // Version 1 at period 10, then period 11 refills, then a clock back in period 10 does not.
+    assert_eq!(spend(5, 1, 100).await, 4);
+    assert_eq!(spend(5, 1, 110).await, 4);
+    assert_eq!(spend(5, 1, 105).await, 3);
+    // A node that still caches version 0 does not reset them; version 2 does.
+    assert_eq!(spend(100, 0, 110).await, 2);
+    assert_eq!(spend(50, 2, 110).await, 49);
+    // The largest count the API accepts, exactly.
+    assert_eq!(
+        spend(1_000_000_000_000_000, 3, 110).await,
+        999_999_999_999_999
+    );
+    assert_eq!(
+        spend(1_000_000_000_000_000, 3, 110).await,
+        999_999_999_999_998
+    );
+}
+
+/// A key's window made longer while its current slot holds units: the hash must live as long
+/// as that slot counts under the longer window, also when the slot keeps its name (2 s
+/// windows' 100 ms slots and 4 s windows' 200 ms slots share every other name).
+#[tokio::test(flavor = "current_thread")]
+async fn a_longer_window_extends_the_life_of_its_slots() {
+    let redis = RedisServer::start().await;
+    let backend = RedisBackend::new(&redis.url()).unwrap();
+    let org = OrgId::generate();
+    for _ in 0..40 {
+        let key = KeyId::generate();
+        for window_ms in [2_000, 4_000] {
+            let plan = LimitPlan {
+                key_id: Some(&key),
+                org_id: &org,
+                limits: vec![(
+                    Policy::Key,
+                    Limit {
+                        limit: 10,
+                        window_ms,
+                    },
+                )],
+                cost: 1,
+                credits: None,
+            };
+            let report = backend.decide(&plan, Timestamp::from_millis(0)).await;
+            assert_eq!(report.unwrap().refused, None);
+        }
+        let (_, window) = redis.key_window(key.as_str());
+        window.assert_consistent(4_000);
+        if window.slots.len() == 1 {
+            // Both units in one slot: the case that matters has been checked.
+            return;
+        }
+        // Into another 100 ms slot, which may share its name with a 200 ms one.
+        tokio::time::sleep(Duration::from_millis(70)).await;
+    }
+    panic!("a 100 ms slot and a 200 ms slot never shared a name in 40 tries");
+}
+
 /// The headers on the Redis backend say what they say on the memory backend: the binding
 /// limit's size, what is left, when it frees up, and Retry-After once refused. Redis counts
 /// in slots of window / 20 (3 s here), so the waits may be up to one slot longer.
@@ -333,13 +424,16 @@ impl RedisServer {
 }
 
 /// One window as Redis holds it: its slots (named by their last millisecond, with their
-/// units), the running total `n`, the oldest slot `lo`, and how long the hash still lives.
+/// units), the running total `n`, the oldest slot `lo`, the length `w` its expiry was set
+/// for, and how long the hash still lives.
 struct Window {
     slots: Vec<(u64, u64)>,
     total: Option<u64>,
     oldest: Option<u64>,
     ttl_ms: i64,
     now_ms: u64,
+    /// The window length the hash's expiry was last set for.
+    length_ms: Option<u64>,
 }
 
 impl RedisServer {
@@ -364,12 +458,14 @@ impl RedisServer {
             oldest: None,
             ttl_ms: self.cli(&["pttl", name]).trim().parse().unwrap(),
             now_ms: 0,
+            length_ms: None,
         };
         for pair in fields.chunks_exact(2) {
             let value: u64 = pair[1].parse().unwrap();
             match pair[0].as_str() {
                 "n" => window.total = Some(value),
                 "lo" => window.oldest = Some(value),
+                "w" => window.length_ms = Some(value),
                 slot => window.slots.push((slot.parse().unwrap(), value)),
             }
         }
@@ -385,12 +481,13 @@ impl RedisServer {
 
 impl Window {
     /// What the script relies on: the total is the sum of the slots, `lo` the oldest of them,
-    /// and the hash lives at least as long as its newest slot counts.
+    /// `w` the window's length, and the hash lives at least as long as its newest slot counts.
     fn assert_consistent(&self, window_ms: u64) {
         let sum: u64 = self.slots.iter().map(|(_, units)| units).sum();
         assert_eq!(self.total, Some(sum), "total of {:?}", self.slots);
         let oldest = self.slots.iter().map(|(end, _)| *end).min();
         assert_eq!(self.oldest, oldest, "oldest of {:?}", self.slots);
+        assert_eq!(self.length_ms, Some(window_ms));
         let newest = self.slots.iter().map(|(end, _)| *end).max().unwrap();
         let counts_for = (newest + window_ms) as i64 - self.now_ms as i64;
         // The TTL is read a moment before Redis' clock.
