@@ -353,10 +353,13 @@ impl RedisBackend {
     fn queue(&self) -> Result<mpsc::UnboundedSender<Decision>, BackendError> {
         QUEUES.with(|cell| {
             let mut queues = cell.borrow_mut();
-            queues.retain(|(_, queue)| !queue.is_closed());
-            if let Some((_, queue)) = queues.iter().find(|(id, _)| *id == self.id) {
+            if let Some((_, queue)) = queues.iter().find(|(id, _)| *id == self.id)
+                && !queue.is_closed()
+            {
                 return Ok(queue.clone());
             }
+            // Its sender is gone (a runtime that ended) or never started: drop the dead ones.
+            queues.retain(|(id, queue)| *id != self.id && !queue.is_closed());
             let conn =
                 ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())
                     .map_err(|e| BackendError(e.to_string()))?;
@@ -428,13 +431,9 @@ impl LimitBackend for RedisBackend {
             answer_len: 2 + 3 * plan.limits.len(),
             reply,
         };
-        self.queue()?
-            .send(decision)
-            .map_err(|_| BackendError("the rate-limit batch sender stopped".into()))?;
-        let out = answer
-            .await
-            .map_err(|_| BackendError("the rate-limit batch sender stopped".into()))?
-            .map_err(BackendError)?;
+        let stopped = || BackendError("the rate-limit batch sender stopped".into());
+        self.queue()?.send(decision).map_err(|_| stopped())?;
+        let out = answer.await.map_err(|_| stopped())?.map_err(BackendError)?;
         let verdicts: Vec<(Policy, Verdict)> = plan
             .limits
             .iter()
