@@ -22,8 +22,11 @@ LIMITS=${LIMITS:-memory}
 install_missing valgrind:valgrind wrk:wrk nginx:nginx-light
 [ "$LIMITS" = redis ] && install_missing redis-server:redis-server
 
-cargo build --release -p keyward >&2
-BIN=$PWD/target/release/keyward
+# KEYWARD_BIN=<path> measures that build instead (an A/B against a saved binary).
+if [ -n "${KEYWARD_BIN:-}" ]; then BIN=$KEYWARD_BIN; else
+  cargo build --release -p keyward >&2
+  BIN=$PWD/target/release/keyward
+fi
 RUN=$(mktemp -d /tmp/keyward-callgrind.XXXXXX)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }

@@ -12,8 +12,11 @@ NKEYS=${NKEYS:-10000}
 . bench/common.sh
 install_missing perf:linux-perf wrk:wrk nginx:nginx-light
 
-cargo build --release -p keyward >&2
-BIN=$PWD/target/release/keyward
+# KEYWARD_BIN=<path> measures that build instead (an A/B against a saved binary).
+if [ -n "${KEYWARD_BIN:-}" ]; then BIN=$KEYWARD_BIN; else
+  cargo build --release -p keyward >&2
+  BIN=$PWD/target/release/keyward
+fi
 RUN=$(mktemp -d /tmp/keyward-profile.XXXXXX)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }

@@ -10,6 +10,7 @@ use keyward_core::ErrorCode;
 use keyward_core::ids::OrgId;
 use keyward_core::key::{Access, CompactKey, authorize};
 use keyward_core::key_format::{KeyHash, is_well_formed};
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -129,13 +130,13 @@ impl Principal {
 
     /// How the audit log names this caller.
     pub fn actor_id(&self) -> String {
-        self.actor_str().to_owned()
+        self.actor_str().into_owned()
     }
 
-    pub fn actor_str(&self) -> &str {
+    pub fn actor_str(&self) -> Cow<'_, str> {
         match &self.subject {
-            Subject::Key(key) => key.id.as_str(),
-            Subject::User { user_id, .. } => user_id,
+            Subject::Key(key) => Cow::Owned(key.id.to_string()),
+            Subject::User { user_id, .. } => Cow::Borrowed(user_id),
         }
     }
 

@@ -159,7 +159,7 @@ impl KeyCache {
     }
 
     fn fingerprint(&self, key_id: &KeyId) -> u64 {
-        self.fingerprints.hash_one(key_id.as_str())
+        self.fingerprints.hash_one(key_id)
     }
 
     /// Stores what the store said about `hash`, unless an invalidation happened meanwhile.
@@ -282,7 +282,7 @@ pub async fn resolve_id(
     if let Some(secret) = &found
         && cache.epoch.load(Ordering::Acquire) == epoch
     {
-        cache.by_id.insert(id.clone(), secret.clone());
+        cache.by_id.insert(*id, secret.clone());
         if cache.epoch.load(Ordering::Acquire) != epoch {
             cache.by_id.remove(id);
         }
@@ -515,9 +515,9 @@ mod tests {
         fill(
             &c,
             current,
-            &record(id.clone(), SecretValidity { valid_until: None }),
+            &record(id, SecretValidity { valid_until: None }),
         );
-        fill(&c, previous, &record(id.clone(), grace));
+        fill(&c, previous, &record(id, grace));
         let other_key = key();
         fill(&c, other, &other_key);
         assert!(

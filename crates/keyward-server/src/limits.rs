@@ -302,7 +302,7 @@ impl MemoryBackend {
                 Some(entry) => entry,
                 None => {
                     self.credits
-                        .entry(key_id.clone())
+                        .entry(*key_id)
                         .or_insert_with(|| Mutex::new(CreditState::load(credit_plan, now)));
                     self.credits.get(key_id).ok_or_else(vanished)?
                 }
@@ -373,7 +373,7 @@ impl LimitBackend for MemoryBackend {
             let mut c = entry.value().lock();
             if c.dirty {
                 c.dirty = false;
-                out.push((entry.key().clone(), c.version, c.remaining));
+                out.push((*entry.key(), c.version, c.remaining));
             }
         }
         out

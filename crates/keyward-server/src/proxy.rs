@@ -132,7 +132,7 @@ pub fn identity_headers(principal: &Principal) -> Vec<(HeaderName, HeaderValue)>
         push("x-keyward-project-id", project);
     }
     if let Some(key) = principal.key() {
-        push("x-keyward-key-id", key.id.as_str());
+        push("x-keyward-key-id", &key.id.to_string());
     }
     if let Some(user) = principal.user_id() {
         push("x-keyward-user-id", user);

@@ -385,10 +385,12 @@ impl RedisBackend {
     /// decision). Built by hand: this runs up to four times per request.
     fn org_key(plan: &LimitPlan<'_>, kind: &str, key_id: Option<&KeyId>) -> String {
         let org = plan.org_id.as_str();
-        let id = key_id.map(KeyId::as_str).unwrap_or_default();
-        let mut name = String::with_capacity(6 + org.len() + kind.len() + id.len());
-        for part in ["kw:{", org, "}:", kind, id] {
+        let mut name = String::with_capacity(6 + org.len() + kind.len() + KeyId::LEN);
+        for part in ["kw:{", org, "}:", kind] {
             name.push_str(part);
+        }
+        if let Some(id) = key_id {
+            id.push_to(&mut name);
         }
         name
     }
@@ -459,7 +461,7 @@ impl LimitBackend for RedisBackend {
             (&plan.credits, credits_remaining, plan.key_id)
         {
             self.credits_seen
-                .insert(key_id.clone(), (credits.version, remaining));
+                .insert(*key_id, (credits.version, remaining));
         }
         let refused = match out[0] {
             0 => None,
@@ -481,7 +483,7 @@ impl LimitBackend for RedisBackend {
     fn dirty_credits(&self) -> Vec<(KeyId, i64, i64)> {
         let mut out = Vec::new();
         self.credits_seen.retain(|key, (version, remaining)| {
-            out.push((key.clone(), *version, *remaining));
+            out.push((*key, *version, *remaining));
             false
         });
         out

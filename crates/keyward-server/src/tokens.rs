@@ -452,7 +452,7 @@ impl TokenService {
             return Ok(headers);
         }
         let who = principal.actor_str();
-        if let Some(entry) = self.identities.get(who)
+        if let Some(entry) = self.identities.get(&*who)
             && fresh(entry.exp)
             && entry.describes(principal)
         {
@@ -460,7 +460,7 @@ impl TokenService {
         }
         let headers = self.identity_headers(principal, now)?;
         self.identities.insert(
-            who.to_owned(),
+            who.into_owned(),
             CachedIdentity {
                 org_id: principal.org_id().to_string(),
                 project_id: principal.project_id().map(str::to_owned),

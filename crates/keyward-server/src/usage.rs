@@ -81,7 +81,7 @@ impl UsageRecorder {
         // A shared (read) lock in the common case: the key has an entry already.
         match self.keys.get(key) {
             Some(usage) => record(&usage),
-            None => record(&self.keys.entry(key.clone()).or_default()),
+            None => record(&self.keys.entry(*key).or_default()),
         }
     }
 
@@ -111,14 +111,14 @@ impl UsageRecorder {
             for (minute, counts) in minutes {
                 if !counts.is_zero() {
                     rows.push(UsageRow {
-                        key_id: key.clone(),
+                        key_id: *key,
                         minute: Timestamp::from_millis(minute),
                         counts,
                     });
                 }
             }
             if at > 0 {
-                last_used.push((key.clone(), Timestamp::from_millis(at)));
+                last_used.push((*key, Timestamp::from_millis(at)));
             }
             !idle
         });
@@ -136,7 +136,7 @@ impl UsageRecorder {
             Err(e) => {
                 for row in &rows {
                     self.keys
-                        .entry(row.key_id.clone())
+                        .entry(row.key_id)
                         .or_default()
                         .add(row.minute.as_millis(), &row.counts);
                 }
@@ -175,7 +175,7 @@ mod tests {
                 ..UsageCounts::default()
             })
         );
-        assert_eq!(last, vec![(k.clone(), t.plus_secs(30))]);
+        assert_eq!(last, vec![(k, t.plus_secs(30))]);
         let (again, _) = r.drain();
         assert!(again.is_empty());
         assert!(r.pending(&k).is_empty());

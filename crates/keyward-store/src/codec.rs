@@ -33,6 +33,11 @@ pub(crate) fn corrupt(what: &str) -> StoreError {
     StoreError::Corrupt(what.to_owned())
 }
 
+/// A key id read back from storage; keyward writes only the canonical form.
+pub(crate) fn key_id(text: &str) -> StoreResult<KeyId> {
+    KeyId::parse(text).ok_or_else(|| corrupt("key id"))
+}
+
 pub(crate) fn to_json<T: serde::Serialize>(value: &T) -> StoreResult<String> {
     serde_json::to_string(value).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
@@ -114,7 +119,7 @@ impl_columns!(sqlx::postgres::PgRow);
 
 pub(crate) fn key_from_row(row: &impl Columns) -> StoreResult<ApiKey> {
     Ok(ApiKey {
-        id: KeyId::from_trusted(row.text("id")?),
+        id: key_id(&row.text("id")?)?,
         org_id: OrgId::from_trusted(row.text("org_id")?),
         project_id: ProjectId::from_trusted(row.text("project_id")?),
         name: row.text("name")?,
@@ -203,7 +208,7 @@ pub(crate) fn signing_key_from_row(row: &impl Columns) -> StoreResult<SigningKey
 
 pub(crate) fn usage_from_row(row: &impl Columns, key: &KeyId) -> StoreResult<UsageRow> {
     Ok(UsageRow {
-        key_id: key.clone(),
+        key_id: *key,
         minute: Timestamp::from_millis(row.int("minute")?),
         counts: UsageCounts {
             allowed: count(row.int("allowed")?),
@@ -217,25 +222,22 @@ pub(crate) fn usage_from_row(row: &impl Columns, key: &KeyId) -> StoreResult<Usa
 /// A usage flush, merged: counts per (key, minute) and the latest use per key. Sorted, so
 /// concurrent flushes touch rows in the same order, and without duplicates, which a multi-row
 /// upsert may not contain in PostgreSQL (and one upsert after another would add them up).
-pub(crate) struct MergedUsage<'a> {
-    pub counts: BTreeMap<(&'a str, i64), UsageCounts>,
-    pub last_used: BTreeMap<&'a str, i64>,
+pub(crate) struct MergedUsage {
+    pub counts: BTreeMap<(KeyId, i64), UsageCounts>,
+    pub last_used: BTreeMap<KeyId, i64>,
 }
 
-pub(crate) fn merge_usage<'a>(
-    rows: &'a [UsageRow],
-    last_used: &'a [(KeyId, Timestamp)],
-) -> MergedUsage<'a> {
-    let mut counts: BTreeMap<(&str, i64), UsageCounts> = BTreeMap::new();
+pub(crate) fn merge_usage(rows: &[UsageRow], last_used: &[(KeyId, Timestamp)]) -> MergedUsage {
+    let mut counts: BTreeMap<(KeyId, i64), UsageCounts> = BTreeMap::new();
     for row in rows {
         counts
-            .entry((row.key_id.as_str(), row.minute.as_millis()))
+            .entry((row.key_id, row.minute.as_millis()))
             .or_default()
             .add(&row.counts);
     }
-    let mut latest: BTreeMap<&str, i64> = BTreeMap::new();
+    let mut latest: BTreeMap<KeyId, i64> = BTreeMap::new();
     for (key_id, at) in last_used {
-        let entry = latest.entry(key_id.as_str()).or_insert(i64::MIN);
+        let entry = latest.entry(*key_id).or_insert(i64::MIN);
         *entry = (*entry).max(at.as_millis());
     }
     MergedUsage {

@@ -26,9 +26,9 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgConnection, PgPool, Row};
 
 use crate::codec::{
-    MergedUsage, audit_from_row, ips_to_json, key_from_row, map_err, merge_usage, org_from_row,
-    paginate, project_from_row, signing_key_from_row, sql_count, to_json, ts, usage_from_row,
-    user_from_row,
+    self, MergedUsage, audit_from_row, ips_to_json, key_from_row, map_err, merge_usage,
+    org_from_row, paginate, project_from_row, signing_key_from_row, sql_count, to_json, ts,
+    usage_from_row, user_from_row,
 };
 use crate::{
     AuditEntry, Bootstrap, KeyFilter, KeyLookup, Org, Page, PageRequest, Project, RevokeOutcome,
@@ -115,7 +115,7 @@ where
     E: sqlx::Executor<'c, Database = sqlx::Postgres>,
 {
     sqlx::query(INSERT_KEY)
-        .bind(key.id.as_str().to_owned())
+        .bind(key.id.to_string())
         .bind(key.org_id.as_str().to_owned())
         .bind(key.project_id.as_str().to_owned())
         .bind(key.name.clone())
@@ -156,7 +156,7 @@ where
         "INSERT INTO key_secrets (hash, key_id, valid_until, created_at) VALUES ($1, $2, NULL, $3)",
     )
     .bind(hash.as_bytes().to_vec())
-    .bind(key_id.as_str().to_owned())
+    .bind(key_id.to_string())
     .bind(now.as_millis())
     .execute(executor)
     .await
@@ -190,7 +190,7 @@ where
     E: sqlx::Executor<'c, Database = sqlx::Postgres>,
 {
     sqlx::query("INSERT INTO key_changes (key_id, at) VALUES ($1, $2)")
-        .bind(key_id.as_str().to_owned())
+        .bind(key_id.to_string())
         .bind(at.as_millis())
         .execute(executor)
         .await
@@ -352,7 +352,7 @@ impl Store for PgStore {
     async fn get_key(&self, org: &OrgId, id: &KeyId) -> StoreResult<ApiKey> {
         let row = sqlx::query(SELECT_KEY)
             .bind(org.as_str().to_owned())
-            .bind(id.as_str().to_owned())
+            .bind(id.to_string())
             .fetch_one(&self.pool)
             .await
             .map_err(map_err)?;
@@ -414,7 +414,7 @@ impl Store for PgStore {
         .bind(to_json(&key.meta)?)
         .bind(key.credits_version)
         .bind(key.org_id.as_str().to_owned())
-        .bind(key.id.as_str().to_owned())
+        .bind(key.id.to_string())
         .execute(&mut *tx)
         .await
         .map_err(map_err)?
@@ -449,7 +449,7 @@ impl Store for PgStore {
         .bind(scopes)
         .bind(until)
         .bind(org.as_str().to_owned())
-        .bind(id.as_str().to_owned())
+        .bind(id.to_string())
         .execute(&mut *tx)
         .await
         .map_err(map_err)?
@@ -465,7 +465,7 @@ impl Store for PgStore {
              WHERE key_id = $2 AND valid_until IS NOT NULL AND valid_until > $1",
         )
         .bind(now)
-        .bind(id.as_str().to_owned())
+        .bind(id.to_string())
         .execute(&mut *tx)
         .await
         .map_err(map_err)?;
@@ -473,7 +473,7 @@ impl Store for PgStore {
             "UPDATE key_secrets SET valid_until = $1 WHERE key_id = $2 AND valid_until IS NULL",
         )
         .bind(until)
-        .bind(id.as_str().to_owned())
+        .bind(id.to_string())
         .execute(&mut *tx)
         .await
         .map_err(map_err)?;
@@ -482,7 +482,7 @@ impl Store for PgStore {
         insert_audit(&mut *tx, audit).await?;
         let row = sqlx::query(SELECT_KEY)
             .bind(org.as_str().to_owned())
-            .bind(id.as_str().to_owned())
+            .bind(id.to_string())
             .fetch_one(&mut *tx)
             .await
             .map_err(map_err)?;
@@ -506,7 +506,7 @@ impl Store for PgStore {
         )
         .bind(now.as_millis())
         .bind(org.as_str().to_owned())
-        .bind(id.as_str().to_owned())
+        .bind(id.to_string())
         .execute(&mut *tx)
         .await
         .map_err(map_err)?
@@ -550,7 +550,7 @@ impl Store for PgStore {
                  WHERE id = $2 AND credits_version = $3 AND remaining IS NOT NULL",
             )
             .bind(*remaining)
-            .bind(key_id.as_str().to_owned())
+            .bind(key_id.to_string())
             .bind(*version)
             .execute(&mut *tx)
             .await
@@ -604,7 +604,7 @@ impl Store for PgStore {
                 continue;
             }
             revoked += 1;
-            note_change(&mut *tx, &KeyId::from_trusted(key_id.clone()), now).await?;
+            note_change(&mut *tx, &codec::key_id(&key_id)?, now).await?;
             let entry = AuditEntry {
                 id: AuditId::generate(),
                 org_id: OrgId::from_trusted(org_id),
@@ -633,7 +633,7 @@ impl Store for PgStore {
         let mut keys = Vec::with_capacity(rows.len());
         for row in &rows {
             last = row.try_get("seq").map_err(map_err)?;
-            keys.push(KeyId::from_trusted(row.try_get("key_id").map_err(map_err)?));
+            keys.push(codec::key_id(row.try_get("key_id").map_err(map_err)?)?);
         }
         Ok((keys, last))
     }
@@ -672,7 +672,7 @@ impl Store for PgStore {
             let (mut allowed, mut unauthorized, mut forbidden, mut rate_limited) =
                 (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for ((key_id, minute), counts) in &merged {
-                keys.push((*key_id).to_owned());
+                keys.push(key_id.to_string());
                 minutes.push(*minute);
                 allowed.push(sql_count(counts.allowed));
                 unauthorized.push(sql_count(counts.unauthorized));
@@ -701,7 +701,7 @@ impl Store for PgStore {
         }
         if !latest.is_empty() {
             let (keys, ats): (Vec<String>, Vec<i64>) =
-                latest.iter().map(|(k, at)| ((*k).to_owned(), *at)).unzip();
+                latest.iter().map(|(k, at)| (k.to_string(), *at)).unzip();
             sqlx::query(
                 "UPDATE api_keys k SET last_used_at = u.at \
                  FROM UNNEST($1::text[], $2::bigint[]) AS u (id, at) \
@@ -729,7 +729,7 @@ impl Store for PgStore {
              ORDER BY u.minute",
         )
         .bind(org.as_str().to_owned())
-        .bind(key.as_str().to_owned())
+        .bind(key.to_string())
         .bind(from.as_millis())
         .bind(to.as_millis())
         .fetch_all(&self.pool)
@@ -769,7 +769,7 @@ impl Store for PgStore {
             "SELECT k.*, o.tier AS org_tier FROM api_keys k JOIN orgs o ON o.id = k.org_id \
              WHERE k.id = $1",
         )
-        .bind(id.as_str().to_owned())
+        .bind(id.to_string())
         .fetch_optional(&self.pool)
         .await
         .map_err(map_err)?;

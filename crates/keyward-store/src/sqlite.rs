@@ -13,7 +13,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 
 use crate::codec::{
-    audit_from_row, ips_to_json, key_from_row, map_err, merge_usage, org_from_row, paginate,
+    self, audit_from_row, ips_to_json, key_from_row, map_err, merge_usage, org_from_row, paginate,
     project_from_row, signing_key_from_row, sql_count, to_json, ts, usage_from_row, user_from_row,
 };
 use crate::{
@@ -91,7 +91,7 @@ where
     E: sqlx::Executor<'c, Database = sqlx::Sqlite>,
 {
     sqlx::query(INSERT_KEY)
-        .bind(key.id.as_str().to_owned())
+        .bind(key.id.to_string())
         .bind(key.org_id.as_str().to_owned())
         .bind(key.project_id.as_str().to_owned())
         .bind(key.name.clone())
@@ -132,7 +132,7 @@ where
         "INSERT INTO key_secrets (hash, key_id, valid_until, created_at) VALUES (?, ?, NULL, ?)",
     )
     .bind(hash.as_bytes().to_vec())
-    .bind(key_id.as_str().to_owned())
+    .bind(key_id.to_string())
     .bind(now.as_millis())
     .execute(executor)
     .await
@@ -164,7 +164,7 @@ where
     E: sqlx::Executor<'c, Database = sqlx::Sqlite>,
 {
     sqlx::query("INSERT INTO key_changes (key_id, at) VALUES (?, ?)")
-        .bind(key_id.as_str().to_owned())
+        .bind(key_id.to_string())
         .bind(at.as_millis())
         .execute(executor)
         .await
@@ -319,7 +319,7 @@ impl Store for SqliteStore {
     async fn get_key(&self, org: &OrgId, id: &KeyId) -> StoreResult<ApiKey> {
         let row = sqlx::query(SELECT_KEY)
             .bind(org.as_str().to_owned())
-            .bind(id.as_str().to_owned())
+            .bind(id.to_string())
             .fetch_one(&self.pool)
             .await
             .map_err(map_err)?;
@@ -379,7 +379,7 @@ impl Store for SqliteStore {
         .bind(to_json(&key.meta)?)
         .bind(key.credits_version)
         .bind(key.org_id.as_str().to_owned())
-        .bind(key.id.as_str().to_owned())
+        .bind(key.id.to_string())
         .execute(&mut *tx)
         .await
         .map_err(map_err)?
@@ -413,7 +413,7 @@ impl Store for SqliteStore {
         .bind(scopes)
         .bind(until)
         .bind(org.as_str().to_owned())
-        .bind(id.as_str().to_owned())
+        .bind(id.to_string())
         .execute(&mut *tx)
         .await
         .map_err(map_err)?
@@ -429,7 +429,7 @@ impl Store for SqliteStore {
              WHERE key_id = ? AND valid_until IS NOT NULL AND valid_until > ?",
         )
         .bind(now)
-        .bind(id.as_str().to_owned())
+        .bind(id.to_string())
         .bind(now)
         .execute(&mut *tx)
         .await
@@ -438,7 +438,7 @@ impl Store for SqliteStore {
             "UPDATE key_secrets SET valid_until = ? WHERE key_id = ? AND valid_until IS NULL",
         )
         .bind(until)
-        .bind(id.as_str().to_owned())
+        .bind(id.to_string())
         .execute(&mut *tx)
         .await
         .map_err(map_err)?;
@@ -447,7 +447,7 @@ impl Store for SqliteStore {
         insert_audit(&mut *tx, audit).await?;
         let row = sqlx::query(SELECT_KEY)
             .bind(org.as_str().to_owned())
-            .bind(id.as_str().to_owned())
+            .bind(id.to_string())
             .fetch_one(&mut *tx)
             .await
             .map_err(map_err)?;
@@ -469,7 +469,7 @@ impl Store for SqliteStore {
         )
         .bind(now.as_millis())
         .bind(org.as_str().to_owned())
-        .bind(id.as_str().to_owned())
+        .bind(id.to_string())
         .execute(&mut *tx)
         .await
         .map_err(map_err)?
@@ -512,7 +512,7 @@ impl Store for SqliteStore {
                 "UPDATE api_keys SET remaining = ? WHERE id = ? AND credits_version = ? AND remaining IS NOT NULL",
             )
             .bind(*remaining)
-            .bind(key_id.as_str().to_owned())
+            .bind(key_id.to_string())
             .bind(*version)
             .execute(&mut *tx)
             .await
@@ -558,7 +558,7 @@ impl Store for SqliteStore {
                 continue;
             }
             revoked += 1;
-            note_change(&mut *tx, &KeyId::from_trusted(key_id.clone()), now).await?;
+            note_change(&mut *tx, &codec::key_id(&key_id)?, now).await?;
             let entry = AuditEntry {
                 id: AuditId::generate(),
                 org_id: OrgId::from_trusted(org_id),
@@ -587,7 +587,7 @@ impl Store for SqliteStore {
         let mut keys = Vec::with_capacity(rows.len());
         for row in &rows {
             last = row.try_get("seq").map_err(map_err)?;
-            keys.push(KeyId::from_trusted(row.try_get("key_id").map_err(map_err)?));
+            keys.push(codec::key_id(row.try_get("key_id").map_err(map_err)?)?);
         }
         Ok((keys, last))
     }
@@ -626,7 +626,7 @@ impl Store for SqliteStore {
                 "INSERT INTO key_usage (key_id, minute, allowed, unauthorized, forbidden, rate_limited) ",
             );
             insert.push_values(chunk, |mut row, ((key_id, minute), counts)| {
-                row.push_bind(*key_id)
+                row.push_bind(key_id.to_string())
                     .push_bind(*minute)
                     .push_bind(sql_count(counts.allowed))
                     .push_bind(sql_count(counts.unauthorized))
@@ -645,7 +645,7 @@ impl Store for SqliteStore {
         for chunk in latest.chunks(ROWS_PER_STATEMENT) {
             let mut update = sqlx::QueryBuilder::<sqlx::Sqlite>::new("WITH used (id, at) AS (");
             update.push_values(chunk, |mut row, (key_id, at)| {
-                row.push_bind(*key_id).push_bind(*at);
+                row.push_bind(key_id.to_string()).push_bind(*at);
             });
             update.push(
                 ") UPDATE api_keys SET last_used_at = used.at FROM used \
@@ -669,7 +669,7 @@ impl Store for SqliteStore {
              WHERE k.org_id = ? AND u.key_id = ? AND u.minute >= ? AND u.minute < ? ORDER BY u.minute",
         )
         .bind(org.as_str().to_owned())
-        .bind(key.as_str().to_owned())
+        .bind(key.to_string())
         .bind(from.as_millis())
         .bind(to.as_millis())
         .fetch_all(&self.pool)
@@ -707,7 +707,7 @@ impl Store for SqliteStore {
         let row = sqlx::query(
             "SELECT k.*, o.tier AS org_tier FROM api_keys k JOIN orgs o ON o.id = k.org_id WHERE k.id = ?",
         )
-        .bind(id.as_str().to_owned())
+        .bind(id.to_string())
         .fetch_optional(&self.pool)
         .await
         .map_err(map_err)?;

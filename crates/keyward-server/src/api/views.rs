@@ -1,6 +1,7 @@
 //! Wire shapes of the management API (DESIGN.md section 5).
 
 use keyward_core::Timestamp;
+use keyward_core::ids::KeyId;
 use keyward_core::ip::render_rule;
 use keyward_core::key::{ApiKey, Refill};
 use keyward_store::{AuditEntry, Org, Page, Project};
@@ -13,7 +14,7 @@ fn time(t: Option<Timestamp>) -> Option<String> {
 
 #[derive(Debug, Serialize)]
 pub struct KeyView<'a> {
-    pub id: &'a str,
+    pub id: KeyId,
     pub object: &'static str,
     pub project: &'a str,
     pub name: &'a str,
@@ -42,7 +43,7 @@ pub struct KeyView<'a> {
 impl<'a> KeyView<'a> {
     pub fn new(key: &'a ApiKey, now: Timestamp) -> Self {
         Self {
-            id: key.id.as_str(),
+            id: key.id,
             object: "key",
             project: key.project_id.as_str(),
             name: &key.name,

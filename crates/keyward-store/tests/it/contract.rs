@@ -284,7 +284,7 @@ pub async fn rotation_keeps_at_most_two_live_secrets(store: Arc<dyn Store>) {
 
 pub async fn listing_filters_and_paginates(store: Arc<dyn Store>) {
     let (org, project, first) = seeded(&store).await;
-    let mut ids = vec![first.id.clone()];
+    let mut ids = vec![first.id];
     for i in 0..6u8 {
         let mut k = key(&org.id, &project.id);
         if i == 0 {
@@ -489,7 +489,7 @@ pub async fn key_changes_are_fed_in_order(store: Arc<dyn Store>) {
         .await
         .unwrap();
     let (changed, next) = store.key_changes_since(start).await.unwrap();
-    assert_eq!(changed, vec![k.id.clone(), k.id.clone()]);
+    assert_eq!(changed, vec![k.id, k.id]);
     assert!(next > start);
     let (again, same) = store.key_changes_since(next).await.unwrap();
     assert!(again.is_empty());
@@ -503,7 +503,7 @@ pub async fn usage_batches_add_up(store: Arc<dyn Store>) {
     let (org, _, k) = seeded(&store).await;
     let minute = Timestamp::from_millis(T0.as_millis() / 60_000 * 60_000);
     let row = |allowed, forbidden| UsageRow {
-        key_id: k.id.clone(),
+        key_id: k.id,
         minute,
         counts: UsageCounts {
             allowed,
@@ -513,11 +513,11 @@ pub async fn usage_batches_add_up(store: Arc<dyn Store>) {
         },
     };
     store
-        .record_usage(&[row(3, 1)], &[(k.id.clone(), T0.plus_secs(5))])
+        .record_usage(&[row(3, 1)], &[(k.id, T0.plus_secs(5))])
         .await
         .unwrap();
     store
-        .record_usage(&[row(2, 0)], &[(k.id.clone(), T0.plus_secs(1))])
+        .record_usage(&[row(2, 0)], &[(k.id, T0.plus_secs(1))])
         .await
         .unwrap();
     let rows = store
@@ -567,25 +567,25 @@ pub async fn large_usage_batches_are_written_whole(store: Arc<dyn Store>) {
     };
     let mut rows: Vec<UsageRow> = (0..MINUTES)
         .map(|m| UsageRow {
-            key_id: k.id.clone(),
+            key_id: k.id,
             minute: first.plus_secs(60 * m),
             counts: counts(u64::try_from(m).unwrap() + 1),
         })
         .collect();
     rows.push(UsageRow {
-        key_id: k.id.clone(),
+        key_id: k.id,
         minute: first,
         counts: counts(10),
     });
     rows.push(UsageRow {
-        key_id: other.id.clone(),
+        key_id: other.id,
         minute: first,
         counts: counts(7),
     });
     let last_used = [
-        (k.id.clone(), T0.plus_secs(9)),
-        (other.id.clone(), T0.plus_secs(3)),
-        (k.id.clone(), T0.plus_secs(4)),
+        (k.id, T0.plus_secs(9)),
+        (other.id, T0.plus_secs(3)),
+        (k.id, T0.plus_secs(4)),
     ];
     store.record_usage(&rows, &last_used).await.unwrap();
     let end = first.plus_secs(60 * MINUTES);
@@ -611,6 +611,6 @@ pub async fn large_usage_batches_are_written_whole(store: Arc<dyn Store>) {
         let org = org.id.clone();
         async move { store.get_key(&org, &id).await.unwrap().last_used_at }
     };
-    assert_eq!(got(k.id.clone()).await, Some(T0.plus_secs(9)));
-    assert_eq!(got(other.id.clone()).await, Some(T0.plus_secs(3)));
+    assert_eq!(got(k.id).await, Some(T0.plus_secs(9)));
+    assert_eq!(got(other.id).await, Some(T0.plus_secs(3)));
 }

@@ -38,7 +38,7 @@ fn bootstrap() -> Bootstrap {
             created_at: T0,
         },
         key: ApiKey {
-            id: key.clone(),
+            id: key,
             org_id: org.clone(),
             project_id: project,
             name: "management".into(),
@@ -61,7 +61,7 @@ fn bootstrap() -> Bootstrap {
             revoked_at: None,
             previous_valid_until: None,
         },
-        key_hash: KeyHash::of(key.as_str().as_bytes()),
+        key_hash: KeyHash::of(key.to_string().as_bytes()),
         audit: AuditEntry {
             id: AuditId::generate(),
             org_id: org,
@@ -206,7 +206,7 @@ async fn the_change_feed_misses_nothing_while_nodes_write_concurrently() {
             id: KeyId::generate(),
             ..b.key.clone()
         };
-        let hash = KeyHash::of(key.id.as_str().as_bytes());
+        let hash = KeyHash::of(key.id.to_string().as_bytes());
         node.create_key(&key, &hash, &audit("key.created"))
             .await
             .unwrap();

@@ -340,7 +340,7 @@ async fn a_longer_window_extends_the_life_of_its_slots() {
             let report = backend.decide(&plan, Timestamp::from_millis(0)).await;
             assert_eq!(report.unwrap().refused, None);
         }
-        let (_, window) = redis.key_window(key.as_str());
+        let (_, window) = redis.key_window(&key.to_string());
         window.assert_consistent(4_000);
         if window.slots.len() == 1 {
             // Both units in one slot: the case that matters has been checked.
