@@ -29,10 +29,16 @@ pub struct Limit {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SlidingLog {
-    /// (time in ms, units), oldest first.
-    entries: VecDeque<(i64, u64)>,
+    /// (ms after `base`, units), oldest first. Eight bytes an entry, half of `(i64, u64)`: a
+    /// busy key's window holds hundreds of entries, and a node holds one log per key in use.
+    entries: VecDeque<(u32, u32)>,
+    /// The time entries count from: moved up to the oldest entry when a new one would not fit.
+    base: i64,
     used: u64,
 }
+
+/// The longest window a log can hold (~49 days; keys allow 30 at most).
+pub const MAX_WINDOW_MS: i64 = u32::MAX as i64;
 
 /// What one limit says about a request of `cost` units at `now`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,26 +55,49 @@ pub struct Verdict {
 }
 
 impl SlidingLog {
+    fn time(&self, offset: u32) -> i64 {
+        self.base + i64::from(offset)
+    }
+
     fn evict(&mut self, now: i64, window_ms: i64) {
-        while let Some(&(t, units)) = self.entries.front() {
-            if t > now - window_ms {
+        while let Some(&(offset, units)) = self.entries.front() {
+            if self.time(offset) > now - window_ms {
                 break;
             }
             self.entries.pop_front();
-            self.used -= units;
+            self.used -= u64::from(units);
         }
     }
 
     /// Milliseconds until at least `needed` units have left the window.
     fn time_until_freed(&self, needed: u64, now: i64, window_ms: i64) -> i64 {
         let mut freed = 0;
-        for &(t, units) in &self.entries {
-            freed += units;
+        for &(offset, units) in &self.entries {
+            freed += u64::from(units);
             if freed >= needed {
-                return (t + window_ms - now).max(0);
+                return (self.time(offset) + window_ms - now).max(0);
             }
         }
         0
+    }
+
+    /// `now` as an offset from `base`, moving `base` up to the oldest entry when `now` is too
+    /// far from it (a log in constant use for weeks). `None` only if the oldest entry is
+    /// itself more than [`MAX_WINDOW_MS`] old, which no window this log holds allows.
+    fn offset_of(&mut self, now: i64) -> Option<u32> {
+        let Some(&(front, _)) = self.entries.front() else {
+            self.base = now;
+            return Some(0);
+        };
+        if let Ok(offset) = u32::try_from(now - self.base) {
+            return Some(offset);
+        }
+        let shift = front;
+        self.base += i64::from(shift);
+        for (offset, _) in &mut self.entries {
+            *offset -= shift;
+        }
+        u32::try_from(now - self.base).ok()
     }
 
     /// Evaluates without charging.
@@ -88,7 +117,7 @@ impl SlidingLog {
             )
         };
         let reset_ms = match self.entries.front() {
-            Some(&(t, _)) => (t + limit.window_ms - now).max(0),
+            Some(&(offset, _)) => (self.time(offset) + limit.window_ms - now).max(0),
             None if fits && cost > 0 => limit.window_ms,
             None => 0,
         };
@@ -112,15 +141,36 @@ impl SlidingLog {
         } else {
             1
         };
-        match self.entries.back_mut() {
-            // Joining moves the entry later, never earlier: its units free up no sooner.
-            Some((t, units)) if now - *t < join_within => {
-                *t = (*t).max(now);
-                *units += cost;
-            }
-            _ => self.entries.push_back((now, cost)),
-        }
         self.used += cost;
+        let mut cost = cost;
+        // Entries never go back in time: a clock that stepped back charges at the newest one.
+        let newest = self.entries.back().map(|&(offset, _)| self.time(offset));
+        let at = newest.map_or(now, |newest| newest.max(now));
+        let Some(offset) = self.offset_of(at) else {
+            // Unreachable for windows up to MAX_WINDOW_MS; counted in the newest entry rather
+            // than forgotten (never under-counts).
+            if let Some((_, units)) = self.entries.back_mut() {
+                *units = units.saturating_add(u32::try_from(cost).unwrap_or(u32::MAX));
+            }
+            return;
+        };
+        if let Some((last, units)) = self.entries.back_mut()
+            && newest.is_some_and(|newest| now - newest < join_within)
+        {
+            // Joining moves the entry later, never earlier: its units free up no sooner.
+            let room = u64::from(u32::MAX - *units);
+            let joined = cost.min(room);
+            *last = offset;
+            *units += u32::try_from(joined).unwrap_or(0);
+            cost -= joined;
+        }
+        // What does not fit in one entry's count goes into more entries of the same time.
+        while cost > 0 {
+            let part = cost.min(u64::from(u32::MAX));
+            self.entries
+                .push_back((offset, u32::try_from(part).unwrap_or(u32::MAX)));
+            cost -= part;
+        }
     }
 
     /// Entries kept (for tests and memory accounting).
@@ -376,6 +426,50 @@ mod tests {
                 Ok(())
             })?;
         }
+    }
+
+    #[test]
+    fn a_log_in_use_for_months_keeps_exact_times() {
+        // Entries count from a base that must move: 100 days exceed a u32 of milliseconds.
+        let day = 86_400_000;
+        let month = Limit {
+            limit: 1_000,
+            window_ms: 30 * day,
+        };
+        let mut log = SlidingLog::default();
+        for n in 0..100 {
+            let now = n * day + 7;
+            let verdict = log.check(month, 1, now);
+            assert!(verdict.allowed);
+            log.charge(1, now, month.window_ms);
+            assert_eq!(log.used(), (n + 1).min(30) as u64, "day {n}");
+            // The oldest unit in the window frees up exactly a window after it was spent.
+            let oldest = (n - 29).max(0) * day + 7;
+            assert_eq!(
+                log.check(month, 0, now).reset_ms,
+                oldest + month.window_ms - now
+            );
+        }
+        let full = Limit { limit: 30, ..month };
+        let refused = log.check(full, 1, 99 * day + 8);
+        assert_eq!(refused.retry_after_ms, Some(30 * day - 1 - day * 29));
+    }
+
+    #[test]
+    fn costs_beyond_an_entry_are_counted_whole() {
+        let big = Limit {
+            limit: 20_000_000_000,
+            window_ms: 1_000,
+        };
+        let mut log = SlidingLog::default();
+        log.charge(9_000_000_000, 0, big.window_ms);
+        log.charge(9_000_000_000, 0, big.window_ms);
+        assert_eq!(log.used(), 18_000_000_000);
+        let refused = log.check(big, 2_000_000_001, 10);
+        assert_eq!(refused.retry_after_ms, Some(990));
+        // Every part leaves the window together.
+        assert!(log.check(big, 20_000_000_000, 1_000).allowed);
+        assert_eq!(log.used(), 0);
     }
 
     #[test]
