@@ -22,8 +22,8 @@ LIMITS=${LIMITS:-memory}
 install_missing valgrind:valgrind wrk:wrk nginx:nginx-light
 [ "$LIMITS" = redis ] && install_missing redis-server:redis-server
 
-# KEYWARD_BIN=<path> measures that build instead (an A/B against a saved binary).
-if [ -n "${KEYWARD_BIN:-}" ]; then BIN=$KEYWARD_BIN; else
+# BENCH_BIN=<path> measures that build instead (an A/B against a saved binary).
+if [ -n "${BENCH_BIN:-}" ]; then BIN=$BENCH_BIN; else
   cargo build --release -p keyward >&2
   BIN=$PWD/target/release/keyward
 fi

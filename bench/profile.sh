@@ -12,8 +12,8 @@ NKEYS=${NKEYS:-10000}
 . bench/common.sh
 install_missing perf:linux-perf wrk:wrk nginx:nginx-light
 
-# KEYWARD_BIN=<path> measures that build instead (an A/B against a saved binary).
-if [ -n "${KEYWARD_BIN:-}" ]; then BIN=$KEYWARD_BIN; else
+# BENCH_BIN=<path> measures that build instead (an A/B against a saved binary).
+if [ -n "${BENCH_BIN:-}" ]; then BIN=$BENCH_BIN; else
   cargo build --release -p keyward >&2
   BIN=$PWD/target/release/keyward
 fi

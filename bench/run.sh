@@ -25,8 +25,8 @@ SCENARIOS=${SCENARIOS:-a b c d e f g}   # a subset measures faster; c is the rat
 . bench/common.sh
 install_missing wrk:wrk nginx:nginx-light haproxy:haproxy redis-server:redis-server
 
-# KEYWARD_BIN=<path> measures that build instead (an A/B against a saved binary).
-if [ -n "${KEYWARD_BIN:-}" ]; then BIN=$KEYWARD_BIN; else
+# BENCH_BIN=<path> measures that build instead (an A/B against a saved binary).
+if [ -n "${BENCH_BIN:-}" ]; then BIN=$BENCH_BIN; else
   cargo build --release -p keyward >&2
   BIN=$PWD/target/release/keyward
 fi
