@@ -23,7 +23,7 @@ install_missing valgrind:valgrind wrk:wrk nginx:nginx-light
 [ "$LIMITS" = redis ] && install_missing redis-server:redis-server
 
 # BENCH_BIN=<path> measures that build instead (an A/B against a saved binary).
-if [ -n "${BENCH_BIN:-}" ]; then BIN=$BENCH_BIN; else
+if [ -n "${BENCH_BIN:-}" ]; then BIN=$(realpath "$BENCH_BIN"); else
   cargo build --release -p keyward >&2
   BIN=$PWD/target/release/keyward
 fi

@@ -13,7 +13,7 @@ NKEYS=${NKEYS:-10000}
 install_missing perf:linux-perf wrk:wrk nginx:nginx-light
 
 # BENCH_BIN=<path> measures that build instead (an A/B against a saved binary).
-if [ -n "${BENCH_BIN:-}" ]; then BIN=$BENCH_BIN; else
+if [ -n "${BENCH_BIN:-}" ]; then BIN=$(realpath "$BENCH_BIN"); else
   cargo build --release -p keyward >&2
   BIN=$PWD/target/release/keyward
 fi

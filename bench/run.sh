@@ -7,6 +7,8 @@
 #   e. keyward forward-auth GET /v1/auth (compare with a: nginx's static return 200)
 #   f. keyward proxy mode with the Redis rate-limit backend
 #   g. keyward proxy mode on PostgreSQL storage (memory limits)
+#   h. the HTTP floor: keyward's stack and runtime shape answering a fixed forward-auth 200
+#      with no domain work (examples/http_floor.rs); e against h is what the domain work costs
 # Besides req/s and latency it reports each gateway's CPU time per request (user + system, all
 # its threads, from /proc), which varies less between runs than req/s on two shared cores.
 # Usage: bench/run.sh   (DURATION=10s ROUNDS=3 CONNECTIONS=64 THREADS=2 SCENARIOS="a b c" to change)
@@ -20,16 +22,18 @@ ROUNDS=${ROUNDS:-3}
 CONNECTIONS=${CONNECTIONS:-64}
 THREADS=${THREADS:-2}
 NKEYS=${NKEYS:-10000}
-SCENARIOS=${SCENARIOS:-a b c d e f g}   # a subset measures faster; c is the ratios' base
+SCENARIOS=${SCENARIOS:-a b c d e f g h}   # a subset measures faster; c is the ratios' base
 
 . bench/common.sh
 install_missing wrk:wrk nginx:nginx-light haproxy:haproxy redis-server:redis-server
 
 # BENCH_BIN=<path> measures that build instead (an A/B against a saved binary).
-if [ -n "${BENCH_BIN:-}" ]; then BIN=$BENCH_BIN; else
+if [ -n "${BENCH_BIN:-}" ]; then BIN=$(realpath "$BENCH_BIN"); else
   cargo build --release -p keyward >&2
   BIN=$PWD/target/release/keyward
 fi
+cargo build --release -p keyward-server --example http_floor >&2
+FLOOR_BIN=$PWD/target/release/examples/http_floor
 RUN=$(mktemp -d /tmp/keyward-bench.XXXXXX)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
@@ -60,7 +64,8 @@ trap 'cleanup; psql "$PG_URL" -qAtX -c "DROP DATABASE IF EXISTS $PG_DB WITH (FOR
 mkdir -p "$RUN/kw-pg"
 keyward_config 19006 19016 "" "${PG_URL%/*}/$PG_DB" > "$RUN/kw-pg/keyward.toml"
 (cd "$RUN/kw-pg" && exec "$BIN" serve > out.log 2> err.log) & pids+=($!); kw_pg_pid=$!
-wait_port 19002; wait_port 19003; wait_port 19004; wait_port 19006
+"$FLOOR_BIN" 19007 & pids+=($!); floor_pid=$!
+wait_port 19002; wait_port 19003; wait_port 19004; wait_port 19006; wait_port 19007
 PG_ADMIN=$(grep -E '^kw_' "$RUN/kw-pg/err.log")
 python3 bench/make_keys.py 127.0.0.1:19006 "$PG_ADMIN" "$NKEYS" "$RUN/keys-pg.txt"
 
@@ -72,6 +77,7 @@ declare -A URL=(
   [e]="http://127.0.0.1:19001/v1/auth"
   [f]="http://127.0.0.1:19004/bench/x"
   [g]="http://127.0.0.1:19006/bench/x"
+  [h]="http://127.0.0.1:19007/v1/auth"
 )
 declare -A NAME=(
   [a]="upstream alone (nginx return 200, 1 worker)"
@@ -81,6 +87,7 @@ declare -A NAME=(
   [e]="keyward forward-auth GET /v1/auth"
   [f]="keyward proxy, redis limits"
   [g]="keyward proxy, PostgreSQL store"
+  [h]="HTTP floor (keyward's stack, fixed forward-auth answer)"
 )
 
 # Every scenario must authenticate for real before it is measured.
@@ -102,6 +109,7 @@ declare -A GATEWAY=(
   [d]="$haproxy_pid"
   [f]="$kw_redis_pid"
   [g]="$kw_pg_pid"
+  [h]="$floor_pid"
 )
 cpu_ticks() { # pids → user+system clock ticks of all their threads
   local total=0 f fields
@@ -118,7 +126,7 @@ TICK_US=$((1000000 / $(getconf CLK_TCK)))
 
 measure() { # scenario → "rps p50_ms p99_ms non2xx cpu_us_per_request redis_cpu_us_per_request"
   local extra="" keys="$RUN/keys.txt"
-  [ "$1" = e ] && extra="X-Forwarded-Uri: /bench/x"
+  [ "$1" = e ] || [ "$1" = h ] && extra="X-Forwarded-Uri: /bench/x"
   [ "$1" = g ] && keys="$RUN/keys-pg.txt"
   KEYS_FILE="$keys" EXTRA_HEADER="$extra" wrk -t"$THREADS" -c"$CONNECTIONS" -d2s -s bench/keys.lua "${URL[$1]}" > /dev/null
   local before after redis_before redis_after
@@ -146,7 +154,8 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 
 median() { tr ';' '\n' | grep -v '^$' | awk -v c="$1" '{print $c}' | sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
-nginx_rps=$(echo "${RESULTS[c]}" | median 1)
+# Without c in the run there is no base for the ratio column.
+nginx_rps=$(echo "${RESULTS[c]:-}" | median 1 || true)
 echo
 echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency, 2 s warm-up, $ROUNDS interleaved rounds, medians; keys drawn from $NKEYS"
 echo
@@ -158,7 +167,7 @@ for s in $SCENARIOS; do
   p99=$(echo "${RESULTS[$s]}" | median 3)
   bad=$(echo "${RESULTS[$s]}" | median 4)
   cpu=$(echo "${RESULTS[$s]}" | median 5)
-  ratio=$(awk -v a="$rps" -v b="$nginx_rps" 'BEGIN { printf "%.2f", a / b }')
+  ratio=$(awk -v a="$rps" -v b="$nginx_rps" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "-" }')
   printf "| %s. %s | %.0f | %.2f | %.2f | %s | %s | %s |\n" "$s" "${NAME[$s]}" "$rps" "$p50" "$p99" "$ratio" "$bad" "$cpu"
 done
 if [[ " $SCENARIOS " == *" f "* ]]; then
