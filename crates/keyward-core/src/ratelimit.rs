@@ -37,7 +37,8 @@ pub struct SlidingLog {
     used: u64,
 }
 
-/// The longest window a log can hold (~49 days; keys allow 30 at most).
+/// The longest span a log holds exactly (~49 days; keys allow 30 at most). In a longer window,
+/// units older than this count as spent this long ago: never fewer units, only later.
 pub const MAX_WINDOW_MS: i64 = u32::MAX as i64;
 
 /// What one limit says about a request of `cost` units at `now`.
@@ -81,23 +82,25 @@ impl SlidingLog {
         0
     }
 
-    /// `now` as an offset from `base`, moving `base` up to the oldest entry when `now` is too
-    /// far from it (a log in constant use for weeks). `None` only if the oldest entry is
-    /// itself more than [`MAX_WINDOW_MS`] old, which no window this log holds allows.
-    fn offset_of(&mut self, now: i64) -> Option<u32> {
+    /// `now` (never before the newest entry) as an offset from `base`, moving `base` up when
+    /// `now` is too far from it: to the oldest entry (a log in constant use for weeks), and
+    /// for windows longer than [`MAX_WINDOW_MS`] further, entries older than that counting
+    /// as spent at the new base — later, so their units free up no sooner.
+    fn offset_of(&mut self, now: i64) -> u32 {
         let Some(&(front, _)) = self.entries.front() else {
             self.base = now;
-            return Some(0);
+            return 0;
         };
         if let Ok(offset) = u32::try_from(now - self.base) {
-            return Some(offset);
+            return offset;
         }
-        let shift = front;
-        self.base += i64::from(shift);
+        let base = (self.base + i64::from(front)).max(now - MAX_WINDOW_MS);
         for (offset, _) in &mut self.entries {
-            *offset -= shift;
+            let time = self.base + i64::from(*offset);
+            *offset = u32::try_from(time.max(base) - base).unwrap_or(u32::MAX);
         }
-        u32::try_from(now - self.base).ok()
+        self.base = base;
+        u32::try_from(now - base).unwrap_or(u32::MAX)
     }
 
     /// Evaluates without charging.
@@ -131,7 +134,8 @@ impl SlidingLog {
         }
     }
 
-    /// Charges `cost` units at `now` (after a positive [`check`](Self::check)).
+    /// Charges `cost` units at `now` (after a positive [`check`](Self::check)). keyward's costs
+    /// and limits fit in a u32, so this is one entry; a larger cost takes one per 2³² − 1 units.
     pub fn charge(&mut self, cost: u64, now: i64, window_ms: i64) {
         if cost == 0 {
             return;
@@ -146,14 +150,7 @@ impl SlidingLog {
         // Entries never go back in time: a clock that stepped back charges at the newest one.
         let newest = self.entries.back().map(|&(offset, _)| self.time(offset));
         let at = newest.map_or(now, |newest| newest.max(now));
-        let Some(offset) = self.offset_of(at) else {
-            // Unreachable for windows up to MAX_WINDOW_MS; counted in the newest entry rather
-            // than forgotten (never under-counts).
-            if let Some((_, units)) = self.entries.back_mut() {
-                *units = units.saturating_add(u32::try_from(cost).unwrap_or(u32::MAX));
-            }
-            return;
-        };
+        let offset = self.offset_of(at);
         if let Some((last, units)) = self.entries.back_mut()
             && newest.is_some_and(|newest| now - newest < join_within)
         {
@@ -453,6 +450,28 @@ mod tests {
         let full = Limit { limit: 30, ..month };
         let refused = log.check(full, 1, 99 * day + 8);
         assert_eq!(refused.retry_after_ms, Some(30 * day - 1 - day * 29));
+    }
+
+    #[test]
+    fn a_window_longer_than_a_log_spans_frees_nothing_early() {
+        let day = 86_400_000;
+        // 60 days: more than a u32 of milliseconds between the two units.
+        let long = Limit {
+            limit: 2,
+            window_ms: 60 * day,
+        };
+        let mut log = SlidingLog::default();
+        log.charge(1, 0, long.window_ms);
+        log.charge(1, 50 * day, long.window_ms);
+        assert_eq!(log.used(), 2);
+        // Both units are still in the window 58 days on: nothing more fits.
+        assert!(!log.check(long, 1, 58 * day).allowed);
+        // The first unit counts as spent at most MAX_WINDOW_MS before the second: it frees
+        // up no sooner than 60 days after it was spent, and no later than that bound.
+        assert!(!log.check(long, 1, 60 * day).allowed);
+        let freed_at = 50 * day - MAX_WINDOW_MS + long.window_ms;
+        assert!(!log.check(long, 1, freed_at - 1).allowed);
+        assert!(log.check(long, 1, freed_at).allowed);
     }
 
     #[test]

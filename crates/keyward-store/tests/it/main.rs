@@ -77,3 +77,47 @@ store_contract!(
     usage_batches_add_up,
     large_usage_batches_are_written_whole,
 );
+
+/// A key change naming an id keyward would never write (a hand-made row, a restore) names no
+/// cached key, and failing on it would stop the feed, and every invalidation behind it.
+async fn feed_skips_a_malformed_id(store: Arc<dyn Store>, insert: impl AsyncFn(&str)) {
+    let start = store.key_changes_head().await.unwrap();
+    let good = keyward_core::ids::KeyId::generate();
+    insert("key_not-a-ulid").await;
+    insert(&good.to_string().to_lowercase()).await;
+    insert(&good.to_string()).await;
+    let (changed, next) = store.key_changes_since(start).await.unwrap();
+    assert_eq!(changed, vec![good]);
+    assert!(store.key_changes_since(next).await.unwrap().0.is_empty());
+}
+
+#[tokio::test]
+async fn sqlite_key_feed_skips_a_malformed_id() {
+    let (dir, store) = sqlite().await;
+    let url = format!("sqlite://{}/nested/keyward.db", dir.path().display());
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    let insert = async |id: &str| {
+        sqlx::query("INSERT INTO key_changes (key_id, at) VALUES (?, 0)")
+            .bind(id.to_owned())
+            .execute(&pool)
+            .await
+            .unwrap();
+    };
+    feed_skips_a_malformed_id(store, insert).await;
+}
+
+#[tokio::test]
+async fn postgres_key_feed_skips_a_malformed_id() {
+    let (db, store) = postgres().await;
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    let insert = async |id: &str| {
+        sqlx::query("INSERT INTO key_changes (key_id, at) VALUES ($1, 0)")
+            .bind(id.to_owned())
+            .execute(&pool)
+            .await
+            .unwrap();
+    };
+    feed_skips_a_malformed_id(store, insert).await;
+    pool.close().await;
+    db.drop().await;
+}
