@@ -22,11 +22,7 @@ LIMITS=${LIMITS:-memory}
 install_missing valgrind:valgrind wrk:wrk nginx:nginx-light
 [ "$LIMITS" = redis ] && install_missing redis-server:redis-server
 
-# BENCH_BIN=<path> measures that build instead (an A/B against a saved binary).
-if [ -n "${BENCH_BIN:-}" ]; then BIN=$(realpath "$BENCH_BIN"); else
-  cargo build --release -p keyward >&2
-  BIN=$PWD/target/release/keyward
-fi
+keyward_binary  # BENCH_BIN=<path> measures a saved build instead (an A/B)
 RUN=$(mktemp -d /tmp/keyward-callgrind.XXXXXX)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }

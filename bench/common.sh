@@ -44,3 +44,19 @@ scopes = ["inference"]
 strip_prefix = true
 CFG
 }
+
+keyward_binary() { # BIN: the saved build BENCH_BIN names (an A/B), or a fresh release build
+  if [ -n "${BENCH_BIN:-}" ]; then BIN=$(realpath "$BENCH_BIN"); else
+    cargo build --release -p keyward >&2
+    BIN=$PWD/target/release/keyward
+  fi
+}
+
+start_keyward_with_keys() { # N → keyward (memory limits) on 19001 with N keys in $RUN/keys.txt; its pid in kw
+  mkdir -p "$RUN/kw"
+  keyward_config 19001 19011 > "$RUN/kw/keyward.toml"
+  (cd "$RUN/kw" && exec "$BIN" serve > out.log 2> err.log) & pids+=($!)
+  kw=$!
+  wait_port 19001
+  python3 bench/make_keys.py 127.0.0.1:19001 "$(grep -E '^kw_' "$RUN/kw/err.log")" "$1" "$RUN/keys.txt"
+}

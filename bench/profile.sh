@@ -12,23 +12,13 @@ NKEYS=${NKEYS:-10000}
 . bench/common.sh
 install_missing perf:linux-perf wrk:wrk nginx:nginx-light
 
-# BENCH_BIN=<path> measures that build instead (an A/B against a saved binary).
-if [ -n "${BENCH_BIN:-}" ]; then BIN=$(realpath "$BENCH_BIN"); else
-  cargo build --release -p keyward >&2
-  BIN=$PWD/target/release/keyward
-fi
+keyward_binary  # BENCH_BIN=<path> measures a saved build instead (an A/B)
 RUN=$(mktemp -d /tmp/keyward-profile.XXXXXX)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 start_upstream
-mkdir -p "$RUN/kw"
-keyward_config 19001 19011 > "$RUN/kw/keyward.toml"
-(cd "$RUN/kw" && exec "$BIN" serve > out.log 2> err.log) & pids+=($!)
-kw=$!
-wait_port 19001
-ADMIN=$(grep -E '^kw_' "$RUN/kw/err.log")
-python3 bench/make_keys.py 127.0.0.1:19001 "$ADMIN" "$NKEYS" "$RUN/keys.txt"
+start_keyward_with_keys "$NKEYS"
 
 url=http://127.0.0.1:19001/bench/x
 extra=""

@@ -27,11 +27,7 @@ SCENARIOS=${SCENARIOS:-a b c d e f g h}   # a subset measures faster; c is the r
 . bench/common.sh
 install_missing wrk:wrk nginx:nginx-light haproxy:haproxy redis-server:redis-server
 
-# BENCH_BIN=<path> measures that build instead (an A/B against a saved binary).
-if [ -n "${BENCH_BIN:-}" ]; then BIN=$(realpath "$BENCH_BIN"); else
-  cargo build --release -p keyward >&2
-  BIN=$PWD/target/release/keyward
-fi
+keyward_binary  # BENCH_BIN=<path> measures a saved build instead (an A/B)
 cargo build --release -p keyward-server --example http_floor >&2
 FLOOR_BIN=$PWD/target/release/examples/http_floor
 RUN=$(mktemp -d /tmp/keyward-bench.XXXXXX)
@@ -41,12 +37,9 @@ trap cleanup EXIT
 
 start_upstream
 
-mkdir -p "$RUN/kw" "$RUN/kw-redis"
-keyward_config 19001 19011 > "$RUN/kw/keyward.toml"
-(cd "$RUN/kw" && exec "$BIN" serve > out.log 2> err.log) & pids+=($!); kw_pid=$!
-wait_port 19001
-ADMIN=$(grep -E '^kw_' "$RUN/kw/err.log")
-python3 bench/make_keys.py 127.0.0.1:19001 "$ADMIN" "$NKEYS" "$RUN/keys.txt"
+start_keyward_with_keys "$NKEYS"
+kw_pid=$kw
+mkdir -p "$RUN/kw-redis"
 awk '{print "\"Bearer " $1 "\" 1;"}' "$RUN/keys.txt" > "$RUN/nginx-keys.map"
 awk '{print $1 " 1"}' "$RUN/keys.txt" > "$RUN/haproxy-keys.map"
 

@@ -18,7 +18,6 @@ use axum::http::{HeaderName, HeaderValue, Request, Response, header};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use socket2::{Domain, Socket, Type};
 
 /// A forward-auth answer's headers, sized like keyward's (the identity token is ~420 bytes).
 const ANSWER: [(&str, &str); 9] = [
@@ -56,16 +55,6 @@ fn answer(request: &Request<Incoming>) -> Response<Body> {
     response
 }
 
-fn listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(1024)?;
-    Ok(socket.into())
-}
-
 async fn serve(listener: std::net::TcpListener) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -98,8 +87,10 @@ fn main() -> std::io::Result<()> {
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let mut threads = Vec::new();
-    for i in 0..workers {
-        let listener = listener(addr)?;
+    for (i, listener) in keyward_server::serve::bind_workers(addr, workers)?
+        .into_iter()
+        .enumerate()
+    {
         let core = cores.get(i % cores.len().max(1)).copied();
         threads.push(std::thread::spawn(move || -> std::io::Result<()> {
             if let Some(core) = core {

@@ -32,7 +32,11 @@ fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 }
 
 /// One listener per worker, all on the same address (the first fixes an ephemeral port).
-fn bind_workers(addr: SocketAddr, workers: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+/// Public for `examples/http_floor.rs`, which must bind exactly as keyward does.
+pub fn bind_workers(
+    addr: SocketAddr,
+    workers: usize,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
     let first = bind_reuseport(addr)?;
     let bound = first.local_addr()?;
     let mut listeners = vec![first];
