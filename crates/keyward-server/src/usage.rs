@@ -35,20 +35,50 @@ impl Outcome {
 #[derive(Default)]
 struct KeyUsage {
     last_used: AtomicI64,
-    /// Counts by minute start, oldest first: rarely more than two minutes between flushes.
-    minutes: Mutex<Vec<(i64, UsageCounts)>>,
+    minutes: Mutex<Minutes>,
+}
+
+/// Counts by minute start. The newest minute is held inline, so a request adds to it in the
+/// map's own entry (no second cache line, no allocation after each flush); older minutes,
+/// there only when a flush comes late or a clock steps back, go to a list.
+#[derive(Default)]
+struct Minutes {
+    newest: Option<(i64, UsageCounts)>,
+    older: Vec<(i64, UsageCounts)>,
+}
+
+impl Minutes {
+    fn add(&mut self, minute: i64, counts: &UsageCounts) {
+        match &mut self.newest {
+            Some((m, existing)) if *m == minute => existing.add(counts),
+            Some((m, _)) if *m > minute => {
+                match self.older.iter_mut().find(|(m, _)| *m == minute) {
+                    Some((_, existing)) => existing.add(counts),
+                    None => self.older.push((minute, *counts)),
+                }
+            }
+            newest => {
+                if let Some(previous) = newest.replace((minute, *counts)) {
+                    self.older.push(previous);
+                }
+            }
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &(i64, UsageCounts)> {
+        self.older.iter().chain(&self.newest)
+    }
+
+    fn take(&mut self) -> impl Iterator<Item = (i64, UsageCounts)> + use<> {
+        std::mem::take(&mut self.older)
+            .into_iter()
+            .chain(self.newest.take())
+    }
 }
 
 impl KeyUsage {
     fn add(&self, minute: i64, counts: &UsageCounts) {
-        let mut minutes = self.minutes.lock();
-        match minutes.iter_mut().rev().find(|(m, _)| *m == minute) {
-            Some((_, existing)) => existing.add(counts),
-            None => {
-                minutes.push((minute, *counts));
-                minutes.sort_unstable_by_key(|(m, _)| *m);
-            }
-        }
+        self.minutes.lock().add(minute, counts);
     }
 }
 
@@ -105,10 +135,9 @@ impl UsageRecorder {
         let mut rows = Vec::new();
         let mut last_used = Vec::new();
         self.keys.retain(|key, usage| {
-            let minutes = std::mem::take(&mut *usage.minutes.lock());
-            let at = usage.last_used.swap(0, Ordering::AcqRel);
-            let idle = minutes.is_empty() && at == 0;
-            for (minute, counts) in minutes {
+            let mut idle = true;
+            for (minute, counts) in usage.minutes.lock().take() {
+                idle = false;
                 if !counts.is_zero() {
                     rows.push(UsageRow {
                         key_id: *key,
@@ -117,10 +146,11 @@ impl UsageRecorder {
                     });
                 }
             }
+            let at = usage.last_used.swap(0, Ordering::AcqRel);
             if at > 0 {
                 last_used.push((*key, Timestamp::from_millis(at)));
             }
-            !idle
+            !(idle && at == 0)
         });
         (rows, last_used)
     }
@@ -179,6 +209,53 @@ mod tests {
         let (again, _) = r.drain();
         assert!(again.is_empty());
         assert!(r.pending(&k).is_empty());
+    }
+
+    #[test]
+    fn minutes_out_of_order_are_each_counted() {
+        let r = UsageRecorder::default();
+        let k = KeyId::generate();
+        let minute = |n: i64| Timestamp::from_millis(n * 60_000);
+        // A late flush (three minutes held), then a clock that stepped back a minute.
+        for (n, outcome) in [
+            (1, Outcome::Allowed),
+            (2, Outcome::Allowed),
+            (3, Outcome::Forbidden),
+            (2, Outcome::RateLimited),
+            (3, Outcome::Forbidden),
+            (1, Outcome::Allowed),
+        ] {
+            r.record(&k, outcome, minute(n));
+        }
+        let mut pending = r.pending(&k);
+        pending.sort_by_key(|(m, _)| *m);
+        let (rows, _) = r.drain();
+        assert_eq!(rows.len(), 3);
+        let counts = |n: i64| {
+            rows.iter()
+                .find(|r| r.minute == minute(n))
+                .map(|r| r.counts)
+        };
+        let expect = |allowed, forbidden, rate_limited| {
+            Some(UsageCounts {
+                allowed,
+                forbidden,
+                rate_limited,
+                ..UsageCounts::default()
+            })
+        };
+        assert_eq!(counts(1), expect(2, 0, 0));
+        assert_eq!(counts(2), expect(1, 0, 1));
+        assert_eq!(counts(3), expect(0, 2, 0));
+        let pending_counts: Vec<_> = pending.iter().map(|(m, c)| (*m, Some(*c))).collect();
+        assert_eq!(
+            pending_counts,
+            vec![
+                (minute(1), counts(1)),
+                (minute(2), counts(2)),
+                (minute(3), counts(3))
+            ]
+        );
     }
 
     #[test]
