@@ -45,6 +45,14 @@ strip_prefix = true
 CFG
 }
 
+bench_workspace() { # NAME → RUN, a fresh directory, and pids, every process in it stopped on exit
+  RUN=$(mktemp -d "/tmp/keyward-$1.XXXXXX")
+  pids=()
+  trap cleanup EXIT
+}
+
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+
 keyward_binary() { # BIN: the saved build BENCH_BIN names (an A/B), or a fresh release build
   if [ -n "${BENCH_BIN:-}" ]; then BIN=$(realpath "$BENCH_BIN"); else
     cargo build --release -p keyward >&2

@@ -13,10 +13,7 @@ NKEYS=${NKEYS:-10000}
 install_missing perf:linux-perf wrk:wrk nginx:nginx-light
 
 keyward_binary  # BENCH_BIN=<path> measures a saved build instead (an A/B)
-RUN=$(mktemp -d /tmp/keyward-profile.XXXXXX)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
+bench_workspace profile
 start_upstream
 start_keyward_with_keys "$NKEYS"
 

@@ -14,10 +14,7 @@ SECS=${SECS:-15}
 . bench/common.sh
 install_missing wrk:wrk nginx:nginx-light
 keyward_binary  # BENCH_BIN=<path> measures a saved build instead (an A/B)
-RUN=$(mktemp -d /tmp/keyward-rss.XXXXXX)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
+bench_workspace rss
 start_upstream
 start_keyward_with_keys "$NKEYS"
 url=http://127.0.0.1:19001/bench/x

@@ -30,10 +30,7 @@ install_missing wrk:wrk nginx:nginx-light haproxy:haproxy redis-server:redis-ser
 keyward_binary  # BENCH_BIN=<path> measures a saved build instead (an A/B)
 cargo build --release -p keyward-server --example http_floor >&2
 FLOOR_BIN=$PWD/target/release/examples/http_floor
-RUN=$(mktemp -d /tmp/keyward-bench.XXXXXX)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
+bench_workspace bench
 
 start_upstream
 
