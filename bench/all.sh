@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Every benchmark of issue #6 in one command, against release builds: the criterion
+# benchmarks (key verification at 1k/100k/1M cached keys, one rate-limit decision, JWT
+# verification, a whole request in process), memory per cached key at 1M keys, the time from
+# start to ready with 1M keys in the store, and the side-by-side load run (bench/run.sh).
+# Prints a summary at the end; every step's full output stays in the results directory.
+# Usage: bench/all.sh   (the variables of bench/run.sh and bench/ready.sh apply; SKIP="load"
+#        or any of "criterion memory ready load" leaves steps out). Takes ~20 minutes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SKIP=${SKIP:-}
+OUT=$(mktemp -d /tmp/keyward-bench-all.XXXXXX)
+STARTED=$(date +%s)
+wanted() { [[ " $SKIP " != *" $1 "* ]]; }
+step() { echo "== $1 ($(date -u +%H:%M:%S))" >&2; }
+
+if wanted criterion; then
+  step "criterion: cargo bench -p keyward-server"
+  cargo bench -p keyward-server > "$OUT/criterion.txt" 2> "$OUT/criterion.err"
+fi
+if wanted memory; then
+  step "memory per cached key: cache_memory example, 1,000,000 keys"
+  cargo run -q --release -p keyward-server --example cache_memory -- 1000000 > "$OUT/memory.txt"
+  cargo run -q --release -p keyward-server --example cache_memory -- 1000000 distinct >> "$OUT/memory.txt"
+fi
+if wanted ready; then
+  step "start to ready: bench/ready.sh"
+  bash bench/ready.sh > "$OUT/ready.txt"
+fi
+if wanted load; then
+  step "side by side under load: bench/run.sh"
+  bash bench/run.sh > "$OUT/load.txt"
+fi
+
+echo
+echo "# keyward benchmarks, $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo), Linux $(uname -r)"
+if [ -f "$OUT/criterion.txt" ]; then
+  echo
+  echo "## In process (criterion; mean and median of its samples)"
+  echo
+  echo "| benchmark | mean | median |"
+  echo "|---|---|---|"
+  # criterion keeps its estimates per benchmark; names are directories (with '/' for inputs).
+  python3 - "target/criterion" "$STARTED" <<'PY'
+import json, pathlib, sys
+def show(ns):
+    return f"{ns / 1000:.2f} µs" if ns >= 1000 else f"{ns:.0f} ns"
+root = pathlib.Path(sys.argv[1])
+for est in sorted(root.glob("**/new/estimates.json")):
+    if est.stat().st_mtime < float(sys.argv[2]):
+        continue  # a benchmark of an earlier run, renamed or removed since
+    name = str(est.parent.parent.relative_to(root))
+    e = json.loads(est.read_text())
+    print(f"| {name} | {show(e['mean']['point_estimate'])} | {show(e['median']['point_estimate'])} |")
+PY
+fi
+if [ -f "$OUT/memory.txt" ]; then
+  echo
+  echo "## Memory per cached key (1,000,000 keys; shared profiles, then one profile per key)"
+  echo
+  sed 's/^/    /' "$OUT/memory.txt"
+fi
+if [ -f "$OUT/ready.txt" ]; then
+  echo
+  echo "## Start to ready with 1,000,000 keys in the store"
+  echo
+  sed 's/^/    /' "$OUT/ready.txt"
+fi
+if [ -f "$OUT/load.txt" ]; then
+  echo
+  echo "## Under load, side by side"
+  echo
+  cat "$OUT/load.txt"
+fi
+echo
+echo "full output: $OUT"
