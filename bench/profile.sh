@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Profiles keyward's proxy path under load: nginx `return 200` upstream, keyward (memory
 # limits) in front, wrk with keys drawn from 10,000, `perf record` on keyward meanwhile.
-# Prints the hottest symbols (self time) and writes perf.data + a folded-stack file.
+# Prints the hottest symbols (self time) and writes perf.data; with CALLGRAPH=1 also the folded
+# stacks (folded.txt, one line per stack with its sample count: the input of flame-graph tools
+# such as inferno-flamegraph or flamegraph.pl).
 # Usage: bench/profile.sh [proxy|auth] (SECONDS_=15 NKEYS=10000; CALLGRAPH=1 for call graphs)
 # Needs linux-perf (installed from Debian when missing).
 set -euo pipefail
@@ -32,3 +34,7 @@ cat "$RUN/wrk.txt"
 perf report -i "$RUN/perf.data" --no-children --sort dso,symbol --stdio 2> /dev/null |
   grep -E '^ +[0-9]' | sed 's/ \{2,\}/ /g' | cut -c1-160 | head -60 || true
 echo "perf data: $RUN/perf.data"
+if [ -n "${CALLGRAPH:-}" ]; then
+  perf script report stackcollapse -i "$RUN/perf.data" > "$RUN/folded.txt" 2> /dev/null
+  echo "folded stacks: $RUN/folded.txt"
+fi
