@@ -6,7 +6,18 @@ end
 local header = os.getenv("KEY_HEADER") or "Authorization"
 local prefix = header == "Authorization" and "Bearer " or ""
 local extra = os.getenv("EXTRA_HEADER")
-math.randomseed(os.time())
+
+-- Each wrk thread runs this file in a Lua state of its own: seeded alike, every thread would
+-- send the same sequence of keys. `setup` (in wrk's main state) numbers the threads.
+local threads = 0
+function setup(thread)
+  threads = threads + 1
+  thread:set("id", threads)
+end
+
+function init(args)
+  math.randomseed(os.time() * 1000 + (id or 0))
+end
 
 request = function()
   local headers = { [header] = prefix .. keys[math.random(#keys)] }
