@@ -4,8 +4,9 @@
 # verification, a whole request in process), memory per cached key at 1M keys, the time from
 # start to ready with 1M keys in the store, and the side-by-side load run (bench/run.sh).
 # Prints a summary at the end; every step's full output stays in the results directory.
-# Usage: bench/all.sh   (the variables of bench/run.sh and bench/ready.sh apply; SKIP="load"
-#        or any of "criterion memory ready load" leaves steps out). Takes ~20 minutes.
+# Usage: bench/all.sh   (bench/run.sh's variables apply to the load step, READY_KEYS (1,000,000)
+#        to the start-up step, BENCH_BIN to both; SKIP="load" or any of
+#        "criterion memory ready load" leaves steps out). Takes ~20 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SKIP=${SKIP:-}
@@ -25,7 +26,7 @@ if wanted memory; then
 fi
 if wanted ready; then
   step "start to ready: bench/ready.sh"
-  bash bench/ready.sh > "$OUT/ready.txt"
+  NKEYS=${READY_KEYS:-1000000} bash bench/ready.sh > "$OUT/ready.txt"
 fi
 if wanted load; then
   step "side by side under load: bench/run.sh"
@@ -35,6 +36,9 @@ fi
 echo
 echo "# keyward benchmarks, $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo), Linux $(uname -r)"
+version() { "$@" 2>&1 | head -1 || true; }
+echo "versions: $(version rustc --version); $(version nginx -v); $(version haproxy -v);" \
+  "$(version redis-server --version); $(version psql --version); $(version wrk -v)"
 if [ -f "$OUT/criterion.txt" ]; then
   echo
   echo "## In process (criterion; mean and median of its samples)"
@@ -63,7 +67,7 @@ if [ -f "$OUT/memory.txt" ]; then
 fi
 if [ -f "$OUT/ready.txt" ]; then
   echo
-  echo "## Start to ready with 1,000,000 keys in the store"
+  echo "## Start to ready with ${READY_KEYS:-1000000} keys in the store"
   echo
   sed 's/^/    /' "$OUT/ready.txt"
 fi

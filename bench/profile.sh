@@ -25,16 +25,19 @@ if [ "$MODE" = auth ]; then url=http://127.0.0.1:19001/v1/auth; extra="X-Forward
 KEYS_FILE="$RUN/keys.txt" EXTRA_HEADER="$extra" wrk -t2 -c64 -d2s -s bench/keys.lua "$url" > /dev/null
 KEYS_FILE="$RUN/keys.txt" EXTRA_HEADER="$extra" wrk -t2 -c64 -d"$((SECS + 2))s" --latency -s bench/keys.lua "$url" > "$RUN/wrk.txt" &
 wrk_pid=$!
+pids+=("$wrk_pid")
 sleep 1
 graph=()
 [ -n "${CALLGRAPH:-}" ] && graph=(--call-graph dwarf,16384)
-perf record -F 499 "${graph[@]}" -o "$RUN/perf.data" -p "$kw" -- sleep "$SECS" 2> /dev/null
+perf record -F 499 "${graph[@]}" -o "$RUN/perf.data" -p "$kw" -- sleep "$SECS" 2> "$RUN/perf.log" ||
+  { echo "perf record failed:" >&2; cat "$RUN/perf.log" >&2; exit 1; }
 wait "$wrk_pid"
 cat "$RUN/wrk.txt"
 perf report -i "$RUN/perf.data" --no-children --sort dso,symbol --stdio 2> /dev/null |
   grep -E '^ +[0-9]' | sed 's/ \{2,\}/ /g' | cut -c1-160 | head -60 || true
 echo "perf data: $RUN/perf.data"
 if [ -n "${CALLGRAPH:-}" ]; then
-  perf script report stackcollapse -i "$RUN/perf.data" > "$RUN/folded.txt" 2> /dev/null
+  perf script report stackcollapse -i "$RUN/perf.data" > "$RUN/folded.txt" 2> "$RUN/perf.log" ||
+    { echo "perf script failed:" >&2; cat "$RUN/perf.log" >&2; exit 1; }
   echo "folded stacks: $RUN/folded.txt"
 fi

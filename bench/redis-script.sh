@@ -22,7 +22,7 @@ KEY_LIMIT=1000000000
 [ "${REFUSE:-0}" = 1 ] && KEY_LIMIT=1
 NKEYS=${NKEYS:-10000}
 COMPARE=${COMPARE:-}
-PORT=19016
+PORT=19025  # apart from run.sh's ports (19016 is its PostgreSQL node's internal listener)
 
 RUN=$(mktemp -d /tmp/keyward-redis-script.XXXXXX)
 pids=()
