@@ -231,7 +231,7 @@ impl ErrorRenderer {
             );
         }
         if let Some(secs) = error.retry_after {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            headers.insert(header::RETRY_AFTER, crate::limits::number_value(secs));
         }
         if let Some(extra) = &error.headers {
             for (name, value) in extra.iter() {

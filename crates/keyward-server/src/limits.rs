@@ -96,9 +96,9 @@ impl LimitReport {
         const LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
         const REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
         const RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
-        h.insert(LIMIT, HeaderValue::from(v.limit));
-        h.insert(REMAINING, HeaderValue::from(v.remaining));
-        h.insert(RESET, HeaderValue::from(ceil_secs(v.reset_ms)));
+        h.insert(LIMIT, number_value(v.limit));
+        h.insert(REMAINING, number_value(v.remaining));
+        h.insert(RESET, number_value(ceil_secs(v.reset_ms)));
         if draft {
             let policies = self
                 .verdicts
@@ -127,7 +127,7 @@ impl LimitReport {
             }
         }
         if let Some(secs) = self.retry_after_secs() {
-            h.insert(axum::http::header::RETRY_AFTER, HeaderValue::from(secs));
+            h.insert(axum::http::header::RETRY_AFTER, number_value(secs));
         }
     }
 
@@ -141,6 +141,30 @@ impl LimitReport {
         }
         Some(error)
     }
+}
+
+/// Numbers below this are cut from one static string of digits.
+const SMALL_NUMBERS: u64 = 10_000;
+
+/// The header value of a number. Rate-limit headers mostly carry small numbers (limits, what
+/// is left, seconds to a reset), and `HeaderValue::from(u64)` allocates and frees twice per
+/// value (callgrind: ~190 instructions each); a value cut from a static string allocates
+/// nothing, and its clones and drops touch no reference count.
+pub fn number_value(n: u64) -> HeaderValue {
+    static DIGITS: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| (0..SMALL_NUMBERS).map(|i| i.to_string()).collect());
+    if n >= SMALL_NUMBERS {
+        return HeaderValue::from(n);
+    }
+    // Where `n` starts in "0123…99100101…": the shorter numbers come first.
+    let (mut begin, mut low, mut high, mut width) = (0, 0, 10, 1);
+    while n >= high {
+        begin += (high - low) * width;
+        (low, high, width) = (high, high * 10, width + 1);
+    }
+    let begin = (begin + (n - low) * width) as usize;
+    let digits: &'static str = &DIGITS[begin..begin + width as usize];
+    HeaderValue::from_static(digits)
 }
 
 /// A refused request consumes nothing: report what is left without it.
@@ -553,6 +577,14 @@ impl Limiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn number_values_are_the_numbers_in_decimal() {
+        let edges = [9_999, 10_000, 10_001, 1_000_000_000, u64::MAX];
+        for n in (0..SMALL_NUMBERS + 100).chain(edges) {
+            assert_eq!(number_value(n), HeaderValue::from(n), "{n}");
+        }
+    }
 
     #[test]
     fn idle_state_is_evicted_and_live_state_kept() {
