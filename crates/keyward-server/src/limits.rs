@@ -423,6 +423,9 @@ pub struct Limiter {
     backend: Arc<dyn LimitBackend>,
     /// Per-node limits used while a shared backend is unreachable (`on_backend_error = "local"`).
     local: Arc<MemoryBackend>,
+    /// The backend is `local` itself: decided synchronously, without the trait's boxed
+    /// future (an allocation per request).
+    memory_only: bool,
     config: RateLimitConfig,
     /// After a backend error, the backend is skipped until then (ms since `started`).
     backoff_until_ms: AtomicI64,
@@ -435,6 +438,7 @@ impl Limiter {
     pub fn new(backend: Option<Arc<dyn LimitBackend>>, config: RateLimitConfig) -> Self {
         let local = Arc::new(MemoryBackend::default());
         Self {
+            memory_only: backend.is_none(),
             backend: backend.unwrap_or_else(|| local.clone()),
             local,
             config,
@@ -548,7 +552,12 @@ impl Limiter {
         now: Timestamp,
     ) -> Result<LimitReport, ApiError> {
         if !self.backing_off() {
-            match self.backend.decide(plan, now).await {
+            let decided = if self.memory_only {
+                self.local.decide_now(plan, now)
+            } else {
+                self.backend.decide(plan, now).await
+            };
+            match decided {
                 Ok(report) => return Ok(report),
                 Err(e) => {
                     self.back_off();
