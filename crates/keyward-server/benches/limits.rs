@@ -13,7 +13,7 @@ fn plan<'a>(key_id: &'a KeyId, org_id: &'a OrgId) -> LimitPlan<'a> {
     LimitPlan {
         key_id: Some(key_id),
         org_id,
-        limits: vec![
+        limits: smallvec::smallvec![
             (
                 Policy::Key,
                 Limit {

@@ -13,10 +13,16 @@ use keyward_core::key::{CompactKey, Refill};
 use keyward_core::ratelimit::{self, Limit, SlidingLog, Verdict, ceil_secs};
 use keyward_core::{ErrorCode, Timestamp};
 use parking_lot::Mutex;
+use smallvec::{SmallVec, smallvec};
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use crate::config::{OnBackendError, RateLimitConfig, Tier};
 use crate::error::ApiError;
+
+/// At most three limits apply to a request (key quota, organisation minute and hour): held
+/// inline, where a `Vec` cost an allocation per request for the plan and one for the answer.
+pub type PlanLimits = SmallVec<[(Policy, Limit); 3]>;
+pub type Verdicts = SmallVec<[(Policy, Verdict); 3]>;
 
 /// The limits that apply to one request, in reporting order.
 #[derive(Debug, Clone)]
@@ -24,7 +30,7 @@ pub struct LimitPlan<'a> {
     /// The key whose quota and credits apply (none for a proxy-authenticated user).
     pub key_id: Option<&'a KeyId>,
     pub org_id: &'a OrgId,
-    pub limits: Vec<(Policy, Limit)>,
+    pub limits: PlanLimits,
     pub cost: u64,
     pub credits: Option<CreditPlan>,
 }
@@ -59,7 +65,7 @@ pub struct CreditPlan {
 pub struct LimitReport {
     /// `None`: allowed. Otherwise `rate_limit_exceeded` or `usage_exhausted`.
     pub refused: Option<ErrorCode>,
-    pub verdicts: Vec<(Policy, Verdict)>,
+    pub verdicts: Verdicts,
     /// Credits left after this request (if it has credits).
     pub credits_remaining: Option<i64>,
 }
@@ -168,7 +174,7 @@ pub fn number_value(n: u64) -> HeaderValue {
 }
 
 /// A refused request consumes nothing: report what is left without it.
-pub fn uncharged(verdicts: Vec<(Policy, Verdict)>, cost: u64) -> Vec<(Policy, Verdict)> {
+pub fn uncharged(verdicts: Verdicts, cost: u64) -> Verdicts {
     verdicts
         .into_iter()
         .map(|(p, mut v)| {
@@ -303,7 +309,7 @@ impl MemoryBackend {
         if let Some((_, limit)) = plan.limits.iter().find(|(p, _)| *p == Policy::Key) {
             key.window_ms = limit.window_ms;
         }
-        let mut verdicts = Vec::with_capacity(plan.limits.len());
+        let mut verdicts = Verdicts::new();
         for (policy, limit) in &plan.limits {
             let log = match policy {
                 Policy::Key => &mut key.log,
@@ -463,7 +469,7 @@ impl Limiter {
     }
 
     pub fn plan<'a>(&self, key: &'a CompactKey, cost: u32) -> LimitPlan<'a> {
-        let mut limits = vec![(
+        let mut limits: PlanLimits = smallvec![(
             Policy::Key,
             Limit {
                 limit: u64::from(key.quota_requests),
@@ -504,7 +510,7 @@ impl Limiter {
         let limits = self
             .tier(org_tier)
             .map(|tier| {
-                vec![
+                smallvec![
                     (
                         Policy::OrgMinute,
                         Limit {
@@ -575,7 +581,7 @@ impl Limiter {
             OnBackendError::Local => self.local.decide_now(plan, now).map_err(ApiError::internal),
             OnBackendError::Allow => Ok(LimitReport {
                 refused: None,
-                verdicts: Vec::new(),
+                verdicts: Verdicts::new(),
                 credits_remaining: None,
             }),
             OnBackendError::Deny => Err(ApiError::new(ErrorCode::LimiterUnavailable)),
@@ -602,7 +608,7 @@ mod tests {
             LimitPlan {
                 key_id: Some(key),
                 org_id: org,
-                limits: vec![
+                limits: smallvec![
                     (
                         Policy::Key,
                         Limit {

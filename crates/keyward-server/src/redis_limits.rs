@@ -22,7 +22,7 @@ use keyward_core::{ErrorCode, Timestamp};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::limits::{BackendError, LimitBackend, LimitPlan, LimitReport, Policy};
+use crate::limits::{BackendError, LimitBackend, LimitPlan, LimitReport, Policy, Verdicts};
 
 /// Each window is a hash of at most ~21 counters, one per slot of `window / 20` ms, named by
 /// the slot's last millisecond, beside two fields: `n`, the units in those slots, and `lo`, the
@@ -436,7 +436,7 @@ impl LimitBackend for RedisBackend {
         let stopped = || BackendError("the rate-limit batch sender stopped".into());
         self.queue()?.send(decision).map_err(|_| stopped())?;
         let out = answer.await.map_err(|_| stopped())?.map_err(BackendError)?;
-        let verdicts: Vec<(Policy, Verdict)> = plan
+        let verdicts: Verdicts = plan
             .limits
             .iter()
             .zip(out[2..].chunks_exact(3))

@@ -195,7 +195,8 @@ fn plan<'a>(org_id: &'a OrgId, key_id: &'a KeyId, cost: u64) -> LimitPlan<'a> {
                     window_ms: 60_000,
                 },
             ),
-        ],
+        ]
+        .into(),
         cost,
         credits: None,
     }
@@ -277,7 +278,7 @@ async fn credits_move_only_forward_and_stay_exact() {
             let plan = LimitPlan {
                 key_id: Some(key),
                 org_id: org,
-                limits: vec![],
+                limits: Default::default(),
                 cost: 1,
                 credits: Some(CreditPlan {
                     stored_remaining,
@@ -333,7 +334,8 @@ async fn a_longer_window_extends_the_life_of_its_slots() {
                         limit: 10,
                         window_ms,
                     },
-                )],
+                )]
+                .into(),
                 cost: 1,
                 credits: None,
             };
