@@ -19,6 +19,10 @@ use keyward_server::config::AuthConfig;
 use keyward_store::KeyLookup;
 use secrecy::ExposeSecret;
 
+// The allocator `keyward serve` runs with: where the cache's entries land decides its misses.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn api_key() -> ApiKey {
     ApiKey {
         id: KeyId::generate(),
