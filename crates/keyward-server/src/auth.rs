@@ -79,7 +79,7 @@ pub enum Subject {
     User {
         user_id: String,
         project_id: Option<String>,
-        scopes: Vec<String>,
+        scopes: Vec<Arc<str>>,
         org_id: OrgId,
         org_tier: Arc<str>,
     },
@@ -140,7 +140,7 @@ impl Principal {
         }
     }
 
-    pub fn scopes(&self) -> &[String] {
+    pub fn scopes(&self) -> &[Arc<str>] {
         match &self.subject {
             Subject::Key(key) => key.scopes(),
             Subject::User { scopes, .. } => scopes,
@@ -218,7 +218,7 @@ async fn verify_proxy_auth(
         subject: Subject::User {
             user_id: claims.sub,
             project_id: claims.project_id,
-            scopes: claims.scopes,
+            scopes: claims.scopes.into_iter().map(Arc::from).collect(),
             org_id,
             org_tier,
         },

@@ -77,21 +77,32 @@ pub struct KeyCache {
     settings: CacheSettings,
 }
 
-/// The profiles cached keys share; pruned of unused ones whenever the set has doubled.
+/// The profiles cached keys share, and the scope strings the profiles share; both pruned of
+/// unused entries whenever the profiles have doubled.
 #[derive(Default)]
 struct Profiles {
     shared: HashSet<Arc<KeyProfile>>,
+    scopes: HashSet<Arc<str>>,
     prune_at: usize,
 }
 
 impl Profiles {
-    fn intern(&mut self, profile: KeyProfile) -> Arc<KeyProfile> {
+    fn intern(&mut self, mut profile: KeyProfile) -> Arc<KeyProfile> {
         if let Some(shared) = self.shared.get(&profile) {
             return shared.clone();
         }
         if self.shared.len() >= self.prune_at {
             self.shared.retain(|p| Arc::strong_count(p) > 1);
+            self.scopes.retain(|s| Arc::strong_count(s) > 1);
             self.prune_at = (self.shared.len() * 2).max(1024);
+        }
+        for scope in &mut profile.scopes {
+            match self.scopes.get(scope) {
+                Some(shared) => *scope = shared.clone(),
+                None => {
+                    self.scopes.insert(scope.clone());
+                }
+            }
         }
         let shared = Arc::new(profile);
         self.shared.insert(shared.clone());
@@ -584,5 +595,39 @@ mod tests {
         lock(&c.profiles).prune_at = 0;
         let _kept = c.compact(lookup(vec!["z".into()]));
         assert_eq!(lock(&c.profiles).shared.len(), 1);
+    }
+
+    #[test]
+    fn profiles_of_different_orgs_share_their_scope_strings() {
+        let c = cache(10);
+        let lookup = |scopes: &[&str]| KeyLookup {
+            key: ApiKey {
+                org_id: OrgId::generate(),
+                scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+                ..api_key(KeyId::generate())
+            },
+            validity: SecretValidity { valid_until: None },
+            org_tier: "free".into(),
+        };
+        let a = c.compact(lookup(&["read", "write"]));
+        let b = c.compact(lookup(&["write"]));
+        assert!(!Arc::ptr_eq(&a.profile, &b.profile));
+        assert_eq!(&*a.scopes()[1], "write");
+        assert!(Arc::ptr_eq(&a.scopes()[1], &b.scopes()[0]));
+        drop(a);
+        lock(&c.profiles).prune_at = 0;
+        let _z = c.compact(lookup(&["z"]));
+        let mut left: Vec<String> = lock(&c.profiles)
+            .scopes
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            ["write", "z"],
+            "b still uses `write`; `read` went with a"
+        );
+        drop(b);
     }
 }

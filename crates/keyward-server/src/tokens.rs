@@ -184,7 +184,7 @@ struct KeyIdentity {
 struct CachedIdentity {
     org_id: String,
     project_id: Option<String>,
-    scopes: Vec<String>,
+    scopes: Vec<Arc<str>>,
     headers: IdentityHeaders,
     exp: i64,
 }
@@ -392,7 +392,7 @@ impl TokenService {
                 .then(|| key.profile.created_by.clone()),
             project_id: key.profile.project_id.to_string(),
             key_id: key.id.to_string(),
-            scopes: key.scopes().to_vec(),
+            scopes: key.scopes().iter().map(|s| s.to_string()).collect(),
             iat,
             nbf: iat,
             exp: iat + i64::try_from(self.config.ttl_seconds).unwrap_or(900),
@@ -412,7 +412,7 @@ impl TokenService {
             user_id: principal.user_id().map(str::to_owned),
             project_id: principal.project_id().map(str::to_owned),
             key_id: principal.key().map(|k| k.id.to_string()),
-            scopes: principal.scopes().to_vec(),
+            scopes: principal.scopes().iter().map(|s| s.to_string()).collect(),
             iat,
             nbf: iat,
             exp: iat + IDENTITY_TTL_SECS,
