@@ -9,6 +9,10 @@ use keyward_core::ids::{KeyId, OrgId};
 use keyward_core::ratelimit::{Limit, SlidingLog};
 use keyward_server::limits::{LimitPlan, MemoryBackend, Policy};
 
+// The allocator `keyward serve` runs with.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn plan<'a>(key_id: &'a KeyId, org_id: &'a OrgId) -> LimitPlan<'a> {
     LimitPlan {
         key_id: Some(key_id),

@@ -18,6 +18,10 @@ use keyward_server::state::AppState;
 use keyward_server::tokens::TokenService;
 use secrecy::ExposeSecret;
 
+// The allocator `keyward serve` runs with.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 struct Setup {
     state: AppState,
     front: Front,
