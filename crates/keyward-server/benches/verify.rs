@@ -61,7 +61,7 @@ fn verification(c: &mut Criterion) {
         proxy_jwt_secret: None,
     };
     let mut group = c.benchmark_group("verify cached key");
-    for &n in &[1_000usize, 100_000, 1_000_000] {
+    for &n in &[1_000usize, 10_000, 100_000, 1_000_000] {
         let cache = KeyCache::new(CacheSettings {
             negative_capacity: 1000,
             negative_ttl_ms: 60_000,
