@@ -1,6 +1,7 @@
 //! Whole requests in process, no socket: a gateway request through the front (routing, key
 //! verification, limits, identity headers, the built-in echo upstream, the error/metrics
-//! bookkeeping), and verification of an access token.
+//! bookkeeping), forward-auth answers over 10,000 keys (what per-key state costs once it no
+//! longer fits the core's cache), and verification of an access token.
 //! `cargo bench -p keyward-server --bench request`
 
 use std::hint::black_box;
@@ -22,10 +23,15 @@ use secrecy::ExposeSecret;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Keys of the forward-auth benchmark: the load test's count.
+const MANY_KEYS: usize = 10_000;
+
 struct Setup {
     state: AppState,
     front: Front,
     secret: String,
+    /// `Bearer <secret>` of `MANY_KEYS` more keys.
+    bearers: Vec<String>,
     token: String,
     _dir: tempfile::TempDir,
 }
@@ -82,16 +88,23 @@ strip_prefix = true
         org_id: admin.org_id.clone(),
         ip: None,
     };
-    let input = CreateKeyInput {
+    let input = || CreateKeyInput {
         scopes: Some(vec!["inference".into()]),
         // High enough never to refuse: the benchmark measures admitted requests.
         quota_requests: Some(1_000_000_000),
         quota_window: Some(60),
         ..CreateKeyInput::default()
     };
-    let (key, secret) = lifecycle::create_key(&state, &actor, input)
+    let (key, secret) = lifecycle::create_key(&state, &actor, input())
         .await
         .unwrap_or_else(|e| unreachable!("{e}"));
+    let mut bearers = Vec::with_capacity(MANY_KEYS);
+    for _ in 0..MANY_KEYS {
+        let (_, secret) = lifecycle::create_key(&state, &actor, input())
+            .await
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        bearers.push(format!("Bearer {}", secret.expose_secret()));
+    }
     let key = keyward_core::key::CompactKey::new(
         key,
         Arc::from("free"),
@@ -108,6 +121,7 @@ strip_prefix = true
         front: Front::new(state.clone()),
         state,
         secret: secret.expose_secret().to_owned(),
+        bearers,
         token,
         _dir: dir,
     }
@@ -138,6 +152,34 @@ fn requests(c: &mut Criterion) {
     );
     let last = rt.block_on(s.front.handle(&client, request()));
     assert_eq!(last.status(), 200, "every measured request was admitted");
+
+    // Forward-auth for a route, each request with another of 10,000 keys: key lookup,
+    // limiter logs, usage entries and identity headers of keys no longer in the core's cache.
+    let check = |bearer: &str| {
+        Request::get("/v1/auth")
+            .header(header::AUTHORIZATION, bearer)
+            .header("x-forwarded-uri", "/echo/hello")
+            .body(Body::empty())
+            .unwrap_or_else(|e| unreachable!("{e}"))
+    };
+    for bearer in &s.bearers {
+        // Every key cached and its identity signed before the timing starts.
+        let answer = rt.block_on(s.front.handle(&client, check(bearer)));
+        assert_eq!(answer.status(), 200);
+    }
+    c.bench_function("in-process forward-auth, one key", |b| {
+        b.iter(|| black_box(rt.block_on(s.front.handle(&client, check(&s.bearers[0])))))
+    });
+    let mut i = 0usize;
+    c.bench_function("in-process forward-auth, 10k keys", |b| {
+        b.iter(|| {
+            // A stride that visits every key, in an order no prefetcher follows.
+            i = (i + 7_919) % s.bearers.len();
+            black_box(rt.block_on(s.front.handle(&client, check(&s.bearers[i]))))
+        })
+    });
+    let answer = rt.block_on(s.front.handle(&client, check(&s.bearers[i])));
+    assert_eq!(answer.status(), 200, "every measured check was admitted");
 
     let tokens = s.state.tokens.clone().unwrap_or_else(|| unreachable!());
     let now = s.state.clock.now();
