@@ -26,6 +26,7 @@ use crate::error::ApiError;
 use crate::middleware::REQUEST_ID;
 use crate::routes::{Route, Upstream};
 use crate::state::AppState;
+use crate::tokens::IdentityHeaders;
 
 /// Idle upstream connections close before a typical upstream keep-alive (60 s+) would.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -119,50 +120,19 @@ pub fn strip_identity(headers: &mut HeaderMap) {
     }
 }
 
-/// The identity of a verified caller, as headers (for upstreams and forward-auth answers).
-pub fn identity_headers(principal: &Principal) -> Vec<(HeaderName, HeaderValue)> {
-    let mut out = Vec::with_capacity(5);
-    let mut push = |name: &'static str, value: &str| {
-        if let Ok(v) = HeaderValue::from_str(value) {
-            out.push((HeaderName::from_static(name), v));
-        }
-    };
-    push("x-keyward-org-id", principal.org_id().as_str());
-    if let Some(project) = principal.project_id() {
-        push("x-keyward-project-id", project);
-    }
-    if let Some(key) = principal.key() {
-        push("x-keyward-key-id", &key.id.to_string());
-    }
-    if let Some(user) = principal.user_id() {
-        push("x-keyward-user-id", user);
-    }
-    push("x-keyward-scopes", &principal.scopes().join(" "));
-    out
-}
-
 /// Sets a verified caller's identity headers (upstream requests, forward-auth answers): the
 /// cached set with the signed identity token, or the plain ids when no token can be signed.
 pub fn insert_identity(state: &AppState, principal: &Principal, headers: &mut HeaderMap) {
-    let signed = state.tokens.as_ref().and_then(|tokens| {
+    let signed = state.tokens.as_ref().is_some_and(|tokens| {
         tokens
-            .identity_for(principal, state.clock.now())
+            .write_identity(principal, state.clock.now(), headers)
             .inspect_err(|e| {
                 tracing::warn!(code = e.code.as_str(), "cannot sign the identity token")
             })
-            .ok()
+            .is_ok()
     });
-    match signed {
-        Some(identity) => {
-            for (name, value) in identity.iter() {
-                headers.insert(name.clone(), value.clone());
-            }
-        }
-        None => {
-            for (name, value) in identity_headers(principal) {
-                headers.insert(name, value);
-            }
-        }
+    if !signed {
+        IdentityHeaders::of(principal, None).write_to(headers);
     }
 }
 

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-use axum::http::{HeaderName, HeaderValue};
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::errors::ErrorKind;
@@ -146,32 +146,69 @@ const VERIFIED_CAPACITY: usize = 100_000;
 /// The header that carries the identity token to upstreams.
 pub const IDENTITY_HEADER: &str = "x-keyward-identity";
 
-/// Identity headers for one caller, shared by its requests.
-pub type IdentityHeaders = Arc<[(HeaderName, HeaderValue)]>;
+/// The identity headers, in the order [`IdentityHeaders`] holds their values.
+const IDENTITY_NAMES: [HeaderName; 6] = [
+    HeaderName::from_static("x-keyward-org-id"),
+    HeaderName::from_static("x-keyward-project-id"),
+    HeaderName::from_static("x-keyward-key-id"),
+    HeaderName::from_static("x-keyward-user-id"),
+    HeaderName::from_static("x-keyward-scopes"),
+    HeaderName::from_static(IDENTITY_HEADER),
+];
 
-/// Copies the values into one buffer. Every request clones each value into its upstream
-/// headers and drops it after sending, and values cut from one buffer share its reference
-/// count: one cache line written per request instead of one per header, which adds up with
-/// thousands of keys in use.
-fn in_one_buffer(headers: Vec<(HeaderName, HeaderValue)>) -> ApiResult<IdentityHeaders> {
-    let mut buffer = Vec::with_capacity(headers.iter().map(|(_, v)| v.len()).sum());
-    for (_, value) in &headers {
-        buffer.extend_from_slice(value.as_bytes());
-    }
-    let buffer = axum::body::Bytes::from(buffer);
-    let mut start = 0;
-    headers
-        .into_iter()
-        .map(|(name, value)| {
-            let end = start + value.len();
-            let shared = buffer.slice(start..end);
+/// One caller's identity header values (ids, scopes and, when one can be signed, the
+/// identity token), kept where the cache's entry is: the names are constants, and the values
+/// are cut from one buffer, so sending them writes one reference count, not one per header.
+/// Thousands of keys in use make every cache line of this a likely miss per request.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct IdentityHeaders {
+    values: [Option<HeaderValue>; 6],
+}
+
+impl IdentityHeaders {
+    /// The plain identity headers of a caller, plus the token when there is one.
+    pub fn of(principal: &Principal, token: Option<&str>) -> Self {
+        let key_id = principal.key().map(|key| key.id.to_string());
+        let scopes = principal.scopes().join(" ");
+        let texts = [
+            Some(principal.org_id().as_str()),
+            principal.project_id(),
+            key_id.as_deref(),
+            principal.user_id(),
+            Some(scopes.as_str()),
+            token,
+        ];
+        let mut buffer = Vec::with_capacity(texts.iter().flatten().map(|t| t.len()).sum());
+        for text in texts.iter().flatten() {
+            buffer.extend_from_slice(text.as_bytes());
+        }
+        let buffer = axum::body::Bytes::from(buffer);
+        let mut start = 0;
+        let values = texts.map(|text| {
+            let text = text?;
+            let end = start + text.len();
+            let value = buffer.slice(start..end);
             start = end;
-            HeaderValue::from_maybe_shared(shared)
-                .map(|value| (name, value))
-                .map_err(ApiError::internal)
-        })
-        .collect::<ApiResult<Vec<_>>>()
-        .map(Into::into)
+            // Ids and scopes are checked ASCII, the token base64url: nothing is dropped but
+            // a value no header can carry.
+            HeaderValue::from_maybe_shared(value).ok()
+        });
+        Self { values }
+    }
+
+    /// Sets every present header (after the caller dropped client-sent copies).
+    pub fn write_to(&self, headers: &mut HeaderMap) {
+        for (name, value) in IDENTITY_NAMES.iter().zip(&self.values) {
+            if let Some(value) = value {
+                headers.insert(name.clone(), value.clone());
+            }
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&HeaderValue> {
+        let at = IDENTITY_NAMES.iter().position(|n| n == name)?;
+        self.values[at].as_ref()
+    }
 }
 
 struct KeyIdentity {
@@ -421,14 +458,16 @@ impl TokenService {
         self.sign(IDENTITY_TYP, &claims)
     }
 
-    /// Every identity header for this caller (ids, scopes and the identity token), reused
-    /// while the token has 30 s or more to live: one signature per caller and half-minute, and
-    /// no per-request formatting.
-    pub fn identity_for(
+    /// Sets every identity header for this caller (ids, scopes and the identity token),
+    /// reused while the token has 30 s or more to live: one signature per caller and
+    /// half-minute, and no per-request formatting. The values are copied out of the cache's
+    /// entry in place (no shared handle to count up and down).
+    pub fn write_identity(
         &self,
         principal: &Principal,
         now: Timestamp,
-    ) -> ApiResult<IdentityHeaders> {
+        headers: &mut HeaderMap,
+    ) -> ApiResult<()> {
         let fresh = |exp: i64| exp - now.as_secs() >= IDENTITY_TTL_SECS / 2;
         // A key's identity is found by the address of its cached `CompactKey` (immutable; a changed
         // key is a new allocation), which the entry keeps alive so the address is not reused.
@@ -438,38 +477,42 @@ impl TokenService {
                 && Arc::ptr_eq(&entry.key, key)
                 && fresh(entry.exp)
             {
-                return Ok(entry.headers.clone());
+                entry.headers.write_to(headers);
+                return Ok(());
             }
-            let headers = self.identity_headers(principal, now)?;
+            let identity = self.identity_headers(principal, now)?;
+            identity.write_to(headers);
             self.key_identities.insert(
                 address,
                 KeyIdentity {
                     key: key.clone(),
-                    headers: headers.clone(),
+                    headers: identity,
                     exp: now.as_secs() + IDENTITY_TTL_SECS,
                 },
             );
-            return Ok(headers);
+            return Ok(());
         }
         let who = principal.actor_str();
         if let Some(entry) = self.identities.get(&*who)
             && fresh(entry.exp)
             && entry.describes(principal)
         {
-            return Ok(entry.headers.clone());
+            entry.headers.write_to(headers);
+            return Ok(());
         }
-        let headers = self.identity_headers(principal, now)?;
+        let identity = self.identity_headers(principal, now)?;
+        identity.write_to(headers);
         self.identities.insert(
             who.into_owned(),
             CachedIdentity {
                 org_id: principal.org_id().to_string(),
                 project_id: principal.project_id().map(str::to_owned),
                 scopes: principal.scopes().to_vec(),
-                headers: headers.clone(),
+                headers: identity,
                 exp: now.as_secs() + IDENTITY_TTL_SECS,
             },
         );
-        Ok(headers)
+        Ok(())
     }
 
     fn identity_headers(
@@ -478,10 +521,7 @@ impl TokenService {
         now: Timestamp,
     ) -> ApiResult<IdentityHeaders> {
         let token = self.issue_identity(principal, now)?;
-        let value = HeaderValue::from_str(&token).map_err(ApiError::internal)?;
-        let mut headers = crate::proxy::identity_headers(principal);
-        headers.push((HeaderName::from_static(IDENTITY_HEADER), value));
-        in_one_buffer(headers)
+        Ok(IdentityHeaders::of(principal, Some(&token)))
     }
 
     /// Drops identities too old to be reused (called with the periodic flush).
@@ -633,26 +673,38 @@ mod tests {
     }
 
     #[test]
-    fn identity_values_share_one_buffer() {
-        let headers = vec![
-            (
-                HeaderName::from_static("x-a"),
-                HeaderValue::from_static("one"),
-            ),
-            (HeaderName::from_static("x-b"), HeaderValue::from_static("")),
-            (
-                HeaderName::from_static("x-c"),
-                HeaderValue::from_static("three"),
-            ),
-        ];
-        let shared = in_one_buffer(headers.clone()).unwrap();
-        assert_eq!(&*shared, headers.as_slice());
-        let start = shared[0].1.as_bytes().as_ptr();
-        let mut offset = 0;
-        for (_, value) in shared.iter() {
-            assert_eq!(value.as_bytes().as_ptr(), start.wrapping_add(offset));
-            offset += value.len();
+    fn identity_headers_are_the_callers_and_share_one_buffer() {
+        let org_id = keyward_core::ids::OrgId::generate();
+        let principal = Principal {
+            subject: crate::auth::Subject::User {
+                user_id: "usr_1".into(),
+                project_id: Some("prj_2".into()),
+                scopes: vec![Arc::from("read"), Arc::from("write")],
+                org_id: org_id.clone(),
+                org_tier: Arc::from("free"),
+            },
+            client_ip: [127, 0, 0, 1].into(),
+        };
+        let identity = IdentityHeaders::of(&principal, Some("a.b.c"));
+        let mut headers = HeaderMap::new();
+        headers.insert("x-other", HeaderValue::from_static("kept"));
+        identity.write_to(&mut headers);
+        let got = |name: &str| headers.get(name).map(|v| v.to_str().unwrap_or("?"));
+        assert_eq!(got("x-keyward-org-id"), Some(org_id.as_str()));
+        assert_eq!(got("x-keyward-project-id"), Some("prj_2"));
+        assert_eq!(got("x-keyward-key-id"), None, "a user has no key");
+        assert_eq!(got("x-keyward-user-id"), Some("usr_1"));
+        assert_eq!(got("x-keyward-scopes"), Some("read write"));
+        assert_eq!(got(IDENTITY_HEADER), Some("a.b.c"));
+        assert_eq!(got("x-other"), Some("kept"));
+        assert_eq!(headers.len(), 6);
+        // Cut from one buffer: each value starts where the one before it ended.
+        let values: Vec<&HeaderValue> = identity.values.iter().flatten().collect();
+        for pair in values.windows(2) {
+            let end = pair[0].as_bytes().as_ptr().wrapping_add(pair[0].len());
+            assert_eq!(pair[1].as_bytes().as_ptr(), end);
         }
+        assert_eq!(identity.get(IDENTITY_HEADER).map(HeaderValue::len), Some(5));
     }
 
     #[test]
