@@ -160,7 +160,7 @@ const IDENTITY_NAMES: [HeaderName; 6] = [
 /// identity token), kept where the cache's entry is: the names are constants, and the values
 /// are cut from one buffer, so sending them writes one reference count, not one per header.
 /// Thousands of keys in use make every cache line of this a likely miss per request.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug)]
 pub struct IdentityHeaders {
     values: [Option<HeaderValue>; 6],
 }
@@ -189,8 +189,8 @@ impl IdentityHeaders {
             let end = start + text.len();
             let value = buffer.slice(start..end);
             start = end;
-            // Ids and scopes are checked ASCII, the token base64url: nothing is dropped but
-            // a value no header can carry.
+            // Only a value no header can carry is left out (as a proxy-auth JWT's claims
+            // could hold); keys' ids and scopes and the base64url token always fit.
             HeaderValue::from_maybe_shared(value).ok()
         });
         Self { values }
@@ -203,11 +203,6 @@ impl IdentityHeaders {
                 headers.insert(name.clone(), value.clone());
             }
         }
-    }
-
-    pub fn get(&self, name: &str) -> Option<&HeaderValue> {
-        let at = IDENTITY_NAMES.iter().position(|n| n == name)?;
-        self.values[at].as_ref()
     }
 }
 
@@ -461,7 +456,8 @@ impl TokenService {
     /// Sets every identity header for this caller (ids, scopes and the identity token),
     /// reused while the token has 30 s or more to live: one signature per caller and
     /// half-minute, and no per-request formatting. The values are copied out of the cache's
-    /// entry in place (no shared handle to count up and down).
+    /// entry in place: no handle on the entry to count up and down, only the values' one
+    /// shared buffer count.
     pub fn write_identity(
         &self,
         principal: &Principal,
@@ -704,7 +700,19 @@ mod tests {
             let end = pair[0].as_bytes().as_ptr().wrapping_add(pair[0].len());
             assert_eq!(pair[1].as_bytes().as_ptr(), end);
         }
-        assert_eq!(identity.get(IDENTITY_HEADER).map(HeaderValue::len), Some(5));
+        assert_eq!(identity.values[5].as_ref().map(HeaderValue::len), Some(5));
+        // No scopes: an empty header, as before, and the values after it are still sent.
+        let mut scopeless = principal.clone();
+        if let crate::auth::Subject::User { scopes, .. } = &mut scopeless.subject {
+            scopes.clear();
+        }
+        let mut headers = HeaderMap::new();
+        IdentityHeaders::of(&scopeless, Some("a.b.c")).write_to(&mut headers);
+        assert_eq!(
+            headers.get("x-keyward-scopes").map(HeaderValue::len),
+            Some(0)
+        );
+        assert_eq!(headers.get(IDENTITY_HEADER).map(HeaderValue::len), Some(5));
     }
 
     #[test]
