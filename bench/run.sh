@@ -10,7 +10,10 @@
 #   h. the HTTP floor: keyward's stack and runtime shape answering a fixed forward-auth 200
 #      with no domain work (examples/http_floor.rs); e against h is what the domain work costs
 # Besides req/s and latency it reports each gateway's CPU time per request (user + system, all
-# its threads, from /proc), which varies less between runs than req/s on two shared cores.
+# its threads, from /proc), which varies less between runs than req/s on two shared cores, split
+# into user and system time (the kernel's share, loopback TCP and wake-ups, is what every
+# contender pays alike), and the upstream's CPU per request (what the headers a gateway adds
+# cost the upstream to parse).
 # Usage: bench/run.sh   (DURATION=10s ROUNDS=3 CONNECTIONS=64 THREADS=2 SCENARIOS="a b c" to change)
 # Installs wrk, nginx, haproxy and redis-server from Debian when missing, and starts PostgreSQL
 # (scripts/pg-up). Loopback only;
@@ -93,8 +96,9 @@ done
 
 # The processes doing each scenario's gateway work (nginx: its workers), for CPU per request:
 # a steadier figure than req/s on two shared cores, and one that shows where time goes.
+UPSTREAM_WORKERS="$(pgrep -P "$upstream_pid" | xargs)"
 declare -A GATEWAY=(
-  [a]="$(pgrep -P "$upstream_pid" | xargs)"
+  [a]="$UPSTREAM_WORKERS"
   [b]="$kw_pid" [e]="$kw_pid"
   [c]="$(pgrep -P "$keyauth_master" | xargs)"
   [d]="$haproxy_pid"
@@ -102,36 +106,42 @@ declare -A GATEWAY=(
   [g]="$kw_pg_pid"
   [h]="$floor_pid"
 )
-cpu_ticks() { # pids → user+system clock ticks of each whole process (threads that ended included)
-  local total=0 p fields
+cpu_ticks() { # pids → "user system" clock ticks of each whole process (threads that ended included)
+  local user=0 system=0 p fields
   for p in "$@"; do
     fields=$(sed 's/.*) //' /proc/"$p"/stat 2>/dev/null) || continue
     set -- $fields
-    total=$((total + ${12} + ${13}))
+    user=$((user + ${12})); system=$((system + ${13}))
   done
-  echo "$total"
+  echo "$user $system"
 }
+ticks_sum() { echo $(($1 + $2)); }
 TICK_US=$((1000000 / $(getconf CLK_TCK)))
 
-measure() { # scenario → "rps p50_ms p99_ms non2xx cpu_us_per_request redis_cpu_us_per_request socket_errors"
+measure() { # scenario → "rps p50_ms p99_ms non2xx cpu_us redis_cpu_us socket_errors user_us system_us upstream_cpu_us" (CPU per request)
   local extra="" keys="$RUN/keys.txt"
   [ "$1" = e ] || [ "$1" = h ] && extra="X-Forwarded-Uri: /bench/x"
   [ "$1" = g ] && keys="$RUN/keys-pg.txt"
   KEYS_FILE="$keys" EXTRA_HEADER="$extra" wrk -t"$THREADS" -c"$CONNECTIONS" -d2s -s bench/keys.lua "${URL[$1]}" > /dev/null
-  local before after redis_before redis_after
+  local before after redis_before redis_after up_before up_after
   before=$(cpu_ticks ${GATEWAY[$1]})
-  redis_before=$(cpu_ticks $redis_pid)
+  redis_before=$(ticks_sum $(cpu_ticks $redis_pid))
+  up_before=$(ticks_sum $(cpu_ticks $UPSTREAM_WORKERS))
   local out
   out=$(KEYS_FILE="$keys" EXTRA_HEADER="$extra" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -s bench/keys.lua "${URL[$1]}")
   after=$(cpu_ticks ${GATEWAY[$1]})
-  redis_after=$(cpu_ticks $redis_pid)
-  echo "$out" | awk -v ticks=$((after - before)) -v redis_ticks=$((redis_after - redis_before)) -v tick_us="$TICK_US" '
+  redis_after=$(ticks_sum $(cpu_ticks $redis_pid))
+  up_after=$(ticks_sum $(cpu_ticks $UPSTREAM_WORKERS))
+  set -- $before $after
+  echo "$out" | awk -v user_ticks=$(($3 - $1)) -v sys_ticks=$(($4 - $2)) -v redis_ticks=$((redis_after - redis_before)) \
+      -v up_ticks=$((up_after - up_before)) -v tick_us="$TICK_US" '
       function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
+      function per(t) { return n ? t * tick_us / n : 0 }
       /^ +50%/ { p50 = ms($2) } /^ +99%/ { p99 = ms($2) } /^Requests\/sec/ { rps = $2 }
       / requests in / { n = $1 }
       /Non-2xx/ { bad = $NF }
       /Socket errors/ { errors = $4 + $6 + $8 + $10 }
-      END { printf "%s %s %s %s %.1f %.1f %d\n", rps, p50, p99, (bad ? bad : 0), (n ? ticks * tick_us / n : 0), (n ? redis_ticks * tick_us / n : 0), errors }'
+      END { printf "%s %s %s %s %.1f %.1f %d %.1f %.1f %.1f\n", rps, p50, p99, (bad ? bad : 0), per(user_ticks + sys_ticks), per(redis_ticks), errors, per(user_ticks), per(sys_ticks), per(up_ticks) }'
 }
 
 declare -A RESULTS
@@ -150,16 +160,17 @@ nginx_rps=$(echo "${RESULTS[c]:-}" | median 1 || true)
 echo
 echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency, 2 s warm-up, $ROUNDS interleaved rounds, medians; keys drawn from $NKEYS"
 echo
-echo "| scenario | req/s | p50 ms | p99 ms | × nginx key-auth | non-2xx / socket errors (all rounds) | gateway CPU µs/req |"
-echo "|---|---|---|---|---|---|---|"
+echo "| scenario | req/s | p50 ms | p99 ms | × nginx key-auth | non-2xx / socket errors (all rounds) | gateway CPU µs/req (user + system) | upstream CPU µs/req |"
+echo "|---|---|---|---|---|---|---|---|"
 for s in $SCENARIOS; do
   rps=$(echo "${RESULTS[$s]}" | median 1)
   p50=$(echo "${RESULTS[$s]}" | median 2)
   p99=$(echo "${RESULTS[$s]}" | median 3)
   bad="$(echo "${RESULTS[$s]}" | total 4) / $(echo "${RESULTS[$s]}" | total 7)"
-  cpu=$(echo "${RESULTS[$s]}" | median 5)
+  cpu="$(echo "${RESULTS[$s]}" | median 5) ($(echo "${RESULTS[$s]}" | median 8) + $(echo "${RESULTS[$s]}" | median 9))"
+  upstream_cpu=$(echo "${RESULTS[$s]}" | median 10)
   ratio=$(awk -v a="$rps" -v b="$nginx_rps" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "-" }')
-  printf "| %s. %s | %.0f | %.2f | %.2f | %s | %s | %s |\n" "$s" "${NAME[$s]}" "$rps" "$p50" "$p99" "$ratio" "$bad" "$cpu"
+  printf "| %s. %s | %.0f | %.2f | %.2f | %s | %s | %s | %s |\n" "$s" "${NAME[$s]}" "$rps" "$p50" "$p99" "$ratio" "$bad" "$cpu" "$upstream_cpu"
 done
 if [[ " $SCENARIOS " == *" f "* ]]; then
   # What the limit windows of every f round hold in Redis (the hour window keeps them all).
