@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# A flood of unknown keys that pass the format and checksum check (the checksum is public, so
+# anyone can make them): what each costs keyward, and what it does to valid traffic.
+# Starts the nginx upstream and keyward (memory limits, SQLite) with NKEYS valid keys, writes
+# FLOOD_KEYS random well-formed keys (bench/random_keys.py), then per round, each for DURATION
+# with `wrk -t1 -cCONNECTIONS`: valid keys alone, the flood alone (req/s, keyward's CPU per
+# request, store queries from /metrics), and both at once on separate connections.
+# Usage: bench/flood.sh   (NKEYS=10000 FLOOD_KEYS=1000000 DURATION=8s CONNECTIONS=32 ROUNDS=2)
+# Loopback only; every process it starts is stopped at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NKEYS=${NKEYS:-10000}
+FLOOD_KEYS=${FLOOD_KEYS:-1000000}
+DURATION=${DURATION:-8s}
+CONNECTIONS=${CONNECTIONS:-32}
+ROUNDS=${ROUNDS:-2}
+
+. bench/common.sh
+install_missing wrk:wrk nginx:nginx-light
+keyward_binary
+bench_workspace flood
+start_upstream
+start_keyward_with_keys "$NKEYS"
+python3 bench/random_keys.py "$FLOOD_KEYS" "$RUN/random-keys.txt"
+url=http://127.0.0.1:19001/bench/x
+ticks() { local f; f=$(sed 's/.*) //' /proc/"$1"/stat); set -- $f; echo $((${12} + ${13})); }
+store_queries() { curl -s http://127.0.0.1:19011/metrics | awk '/^keyward_key_cache_misses_total/ {print $2}'; }
+load() { KEYS_FILE=$1 EXTRA_HEADER="" wrk -t1 -c"$CONNECTIONS" -d"$2" --latency -s bench/keys.lua "$url"; }
+field() { awk -v f="$1" '$0 ~ f {print $NF; exit}'; }
+rps() { awk '/Requests\/sec/ {print $2}'; }
+p99() { awk '/ 99%/ {print $2}'; }
+count() { awk '/ requests in / {print $1}'; }
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+
+load "$RUN/keys.txt" 3s > /dev/null
+for round in $(seq 1 "$ROUNDS"); do
+  t0=$(ticks "$kw"); out=$(load "$RUN/keys.txt" "$DURATION"); t1=$(ticks "$kw")
+  echo "round $round, valid keys alone: $(echo "$out" | rps) req/s, p99 $(echo "$out" | p99)," \
+    "keyward CPU $(( (t1 - t0) * TICK_US / $(echo "$out" | count) )) µs per request"
+  q0=$(store_queries); t0=$(ticks "$kw"); out=$(load "$RUN/random-keys.txt" "$DURATION"); t1=$(ticks "$kw"); q1=$(store_queries)
+  n=$(echo "$out" | count)
+  echo "round $round, the flood alone: $(echo "$out" | rps) req/s (non-2xx: $(echo "$out" | field Non-2xx)," \
+    "of $n), p99 $(echo "$out" | p99), $((q1 - q0)) store queries, keyward CPU $(( (t1 - t0) * TICK_US / n )) µs per request"
+  load "$RUN/random-keys.txt" "$DURATION" > "$RUN/flood.txt" & flood=$!
+  out=$(load "$RUN/keys.txt" "$DURATION"); wait "$flood"
+  echo "round $round, both at once: valid $(echo "$out" | rps) req/s (p99 $(echo "$out" | p99))," \
+    "flood $(rps < "$RUN/flood.txt") req/s"
+done
