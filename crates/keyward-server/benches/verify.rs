@@ -65,6 +65,7 @@ fn verification(c: &mut Criterion) {
         let cache = KeyCache::new(CacheSettings {
             negative_capacity: 1000,
             negative_ttl_ms: 60_000,
+            unknown_per_client: 0,
         });
         let mut headers = Vec::with_capacity(n);
         for _ in 0..n {

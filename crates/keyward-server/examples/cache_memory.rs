@@ -35,6 +35,7 @@ fn main() {
     let cache = KeyCache::new(CacheSettings {
         negative_capacity: 1,
         negative_ttl_ms: 1,
+        unknown_per_client: 0,
     });
     let before = rss_bytes();
     for i in 0..n {

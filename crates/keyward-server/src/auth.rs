@@ -242,7 +242,7 @@ pub async fn verify_token(
     }
     let hash = KeyHash::of(token);
     let now = state.clock.now();
-    let Some(key) = cache::resolve(&state.keys, &*state.store, &hash, now).await? else {
+    let Some(key) = cache::resolve(&state.keys, &*state.store, &hash, client_ip, now).await? else {
         return Err(ApiError::new(ErrorCode::InvalidApiKey));
     };
     let access = Access {

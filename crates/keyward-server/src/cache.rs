@@ -10,21 +10,28 @@
 //!   An epoch counter keeps a lookup that raced with an invalidation from caching stale data.
 //! - Concurrent misses on one hash share one store query (a cold cache after a start would
 //!   otherwise query a popular key once per request in flight).
+//! - Each client address may make a bounded number of store queries that find nothing per
+//!   minute: the checksum is public, so anyone can make keys that pass it, and without a bound
+//!   each distinct one costs a query (`bench/flood.sh`). A client over it is answered 429
+//!   for keys the cache does not know, without a query; cached keys still work.
 
 mod table;
 
 use std::collections::HashSet;
 use std::hash::{BuildHasher, Hasher};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use dashmap::DashMap;
 use hashbrown::HashTable;
-use keyward_core::Timestamp;
 use keyward_core::ids::KeyId;
 use keyward_core::key::{CompactKey, KeyProfile};
 use keyward_core::key_format::KeyHash;
+use keyward_core::{ErrorCode, Timestamp};
 use keyward_store::{KeyLookup, Store};
+
+use crate::error::{ApiError, ApiResult};
 
 use table::{SecretTable, prefix};
 
@@ -59,6 +66,8 @@ impl BuildHasher for PassThrough {
 pub struct CacheSettings {
     pub negative_capacity: usize,
     pub negative_ttl_ms: i64,
+    /// Store queries that found nothing, per client address and minute; 0: no bound.
+    pub unknown_per_client: u32,
 }
 
 pub struct KeyCache {
@@ -73,6 +82,9 @@ pub struct KeyCache {
     negative: DashMap<KeyHash, Timestamp, foldhash::fast::RandomState>,
     /// Store queries in flight, by hash. Client-chosen hashes too, hence the seeded hasher.
     loading: DashMap<KeyHash, Arc<Load>, foldhash::fast::RandomState>,
+    /// Store queries that found nothing, by client address: `(minute, count)`. Addresses are
+    /// client-chosen (IPv6), hence the seeded hasher; bounded like the negative cache.
+    unknown_by_client: DashMap<IpAddr, (i64, u32), foldhash::fast::RandomState>,
     epoch: AtomicU64,
     settings: CacheSettings,
 }
@@ -140,6 +152,7 @@ impl KeyCache {
             profiles: Mutex::default(),
             negative: DashMap::with_hasher(foldhash::fast::RandomState::default()),
             loading: DashMap::with_hasher(foldhash::fast::RandomState::default()),
+            unknown_by_client: DashMap::with_hasher(foldhash::fast::RandomState::default()),
             epoch: AtomicU64::new(0),
             settings,
         }
@@ -248,6 +261,41 @@ impl KeyCache {
         }
     }
 
+    /// Seconds until `client` may make store queries again, when its queries that found
+    /// nothing this minute have reached the bound.
+    fn unknown_budget_spent(&self, client: IpAddr, now: Timestamp) -> Option<u64> {
+        let bound = self.settings.unknown_per_client;
+        if bound == 0 {
+            return None;
+        }
+        let minute = now.as_millis().div_euclid(60_000);
+        let spent = self.unknown_by_client.get(&client).is_some_and(|entry| {
+            let (entry_minute, count) = *entry;
+            entry_minute == minute && count >= bound
+        });
+        spent.then(|| {
+            let until_next_minute = u64::try_from((minute + 1) * 60_000 - now.as_millis());
+            until_next_minute.map_or(60, |ms| ms.div_ceil(1000))
+        })
+    }
+
+    fn charge_unknown(&self, client: IpAddr, now: Timestamp) {
+        if self.settings.unknown_per_client == 0 {
+            return;
+        }
+        if self.unknown_by_client.len() >= self.settings.negative_capacity {
+            // Bounded: many addresses cost memory up to here, then the counts start over.
+            self.unknown_by_client.clear();
+        }
+        let minute = now.as_millis().div_euclid(60_000);
+        let mut entry = self.unknown_by_client.entry(client).or_insert((minute, 0));
+        if entry.0 == minute {
+            entry.1 = entry.1.saturating_add(1);
+        } else {
+            *entry = (minute, 1);
+        }
+    }
+
     /// A hash that now belongs to a key must not linger as unknown.
     pub fn forget_unknown(&self, hash: &KeyHash) {
         self.negative.remove(hash);
@@ -301,13 +349,15 @@ pub async fn resolve_id(
     Ok(found)
 }
 
-/// Resolves a hash through the cache; reports hits and misses to the metrics.
+/// Resolves a hash through the cache; reports hits and misses to the metrics. A miss queries
+/// the store unless `client` has used up its queries that find nothing (429).
 pub async fn resolve(
     cache: &KeyCache,
     store: &dyn Store,
     hash: &KeyHash,
+    client: IpAddr,
     now: Timestamp,
-) -> Result<Option<Arc<CompactKey>>, keyward_store::StoreError> {
+) -> ApiResult<Option<Arc<CompactKey>>> {
     match cache.lookup(hash, now) {
         Lookup::Hit(secret) => {
             crate::metrics::key_cache_hit();
@@ -318,6 +368,15 @@ pub async fn resolve(
             Ok(None)
         }
         Lookup::Miss(epoch) => {
+            if let Some(secs) = cache.unknown_budget_spent(client, now) {
+                crate::metrics::unknown_keys_refused();
+                let mut refused =
+                    ApiError::new(ErrorCode::RateLimitExceeded).with_message(format!(
+                        "Too many unknown API keys from this address. Retry after {secs} seconds."
+                    ));
+                refused.retry_after = Some(secs);
+                return Err(refused);
+            }
             let loading = Loading {
                 cache,
                 hash,
@@ -326,7 +385,8 @@ pub async fn resolve(
             let load = &loading.load;
             // The first request queries; the others wait for its answer (or, if it fails or
             // is cancelled, the next one queries).
-            load.found
+            let found = load
+                .found
                 .get_or_try_init(|| async {
                     // This miss may have raced with an earlier query for the hash that has
                     // filled the cache and left the map since: then there is nothing to load.
@@ -340,11 +400,14 @@ pub async fn resolve(
                         .find_by_hash(hash)
                         .await?
                         .map(|found| cache.compact(found));
+                    if found.is_none() {
+                        cache.charge_unknown(client, now);
+                    }
                     cache.fill(*hash, found.clone(), load.epoch, now);
                     Ok::<_, keyward_store::StoreError>(found)
                 })
-                .await
-                .cloned()
+                .await?;
+            Ok(found.clone())
         }
     }
 }
@@ -435,6 +498,7 @@ mod tests {
         KeyCache::new(CacheSettings {
             negative_capacity: cap,
             negative_ttl_ms: 1_000,
+            unknown_per_client: 3,
         })
     }
 
@@ -490,6 +554,23 @@ mod tests {
             load: newer,
         });
         assert!(c.loading.is_empty());
+    }
+
+    #[test]
+    fn a_client_over_its_unknown_budget_waits_for_the_next_minute() {
+        let c = cache(10);
+        let (client, other): (IpAddr, IpAddr) = ([192, 0, 2, 1].into(), [192, 0, 2, 2].into());
+        for _ in 0..3 {
+            assert_eq!(c.unknown_budget_spent(client, NOW), None);
+            c.charge_unknown(client, NOW);
+        }
+        // NOW is 10 s into its minute.
+        assert_eq!(c.unknown_budget_spent(client, NOW), Some(50));
+        assert_eq!(c.unknown_budget_spent(other, NOW), None);
+        let next_minute = Timestamp::from_millis(60_000);
+        assert_eq!(c.unknown_budget_spent(client, next_minute), None);
+        c.charge_unknown(client, next_minute);
+        assert_eq!(c.unknown_budget_spent(client, next_minute), None);
     }
 
     #[test]

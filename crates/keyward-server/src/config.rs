@@ -186,6 +186,8 @@ pub struct UsageConfig {
 pub struct CacheConfig {
     pub negative_capacity: usize,
     pub negative_ttl_seconds: u64,
+    /// Store queries that found nothing, per client address and minute (0: no bound).
+    pub unknown_keys_per_client: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -390,6 +392,7 @@ const KNOWN_KEYS: &[&str] = &[
     "usage.flush_seconds",
     "cache.negative_capacity",
     "cache.negative_ttl_seconds",
+    "cache.unknown_keys_per_client",
     "log.format",
     "log.level",
 ];
@@ -703,6 +706,7 @@ fn build(figment: &Figment) -> Result<Config, ConfigErrors> {
         r.fail("cache.negative_capacity", "must be at least 1");
     }
     let negative_ttl_seconds: u64 = r.get("cache.negative_ttl_seconds", 60);
+    let unknown_keys_per_client: u32 = r.get("cache.unknown_keys_per_client", 1_000);
 
     let ttl_seconds: u64 = r.get("tokens.ttl_seconds", 900);
     if !(60..=3600).contains(&ttl_seconds) {
@@ -799,6 +803,7 @@ fn build(figment: &Figment) -> Result<Config, ConfigErrors> {
         cache: CacheConfig {
             negative_capacity,
             negative_ttl_seconds,
+            unknown_keys_per_client,
         },
         tokens: TokensConfig {
             ttl_seconds,

@@ -35,3 +35,4 @@ cached_counter!(
     key_cache_negative_hit,
     "keyward_key_cache_negative_hits_total"
 );
+cached_counter!(unknown_keys_refused, "keyward_unknown_keys_refused_total");

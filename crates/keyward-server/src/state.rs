@@ -46,6 +46,7 @@ impl AppState {
             negative_capacity: config.cache.negative_capacity,
             negative_ttl_ms: i64::try_from(config.cache.negative_ttl_seconds.saturating_mul(1000))
                 .unwrap_or(i64::MAX),
+            unknown_per_client: config.cache.unknown_keys_per_client,
         }));
         let routes = Arc::new(RouteTable::new(&config.routes));
         let limiter = Arc::new(Limiter::new(None, config.ratelimit.clone()));

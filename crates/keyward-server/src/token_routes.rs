@@ -37,9 +37,10 @@ pub async fn exchange(
         Err(e) if e.code == ErrorCode::EndpointNotAllowed => {
             let token = extract_credential(&headers, &state.config.auth)?;
             let hash = keyward_core::key_format::KeyHash::of(token);
-            let key = crate::cache::resolve(&state.keys, &*state.store, &hash, state.clock.now())
-                .await?
-                .ok_or_else(|| ApiError::new(ErrorCode::InvalidApiKey))?;
+            let key =
+                crate::cache::resolve(&state.keys, &*state.store, &hash, ip, state.clock.now())
+                    .await?
+                    .ok_or_else(|| ApiError::new(ErrorCode::InvalidApiKey))?;
             let route = key.endpoint().map(str::to_owned);
             authenticate(&state, &headers, ip, route.as_deref(), &[]).await?
         }

@@ -784,6 +784,45 @@ async fn metrics_and_a_flood_of_random_keys() {
 }
 
 #[tokio::test]
+async fn a_client_sending_unknown_keys_is_cut_off_from_store_queries() {
+    let (s, _up) = gateway("\n[cache]\nunknown_keys_per_client = 3\n").await;
+    let (_, key) = s.create_key(json!({"scopes": ["inference"]})).await;
+    let get = |key: &str| {
+        let key = key.to_owned();
+        let s = &s;
+        async move { s.call(Method::GET, "/v1/chat/x", Some(&key), None).await }
+    };
+    assert_eq!(get(&key).await.status, 200);
+    // Well-formed keys this server does not know: another server's.
+    let other = TestServer::start().await;
+    let mut unknown = Vec::new();
+    for _ in 0..4 {
+        unknown.push(other.create_key(json!({})).await.1);
+    }
+    let before = s.metrics().await;
+    for k in &unknown[..3] {
+        get(k).await.assert_error(401, "invalid_api_key");
+    }
+    // The fourth distinct unknown key in the minute: refused without a store query.
+    let refused = get(&unknown[3]).await;
+    refused.assert_error(429, "rate_limit_exceeded");
+    let retry: u64 = refused
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_default();
+    assert!((1..=60).contains(&retry), "Retry-After {retry}");
+    let after = s.metrics().await;
+    let queries = |m: &str| metric(m, "keyward_key_cache_misses_total");
+    assert_eq!(queries(&after) - queries(&before), 3.0);
+    assert_eq!(metric(&after, "keyward_unknown_keys_refused_total"), 1.0);
+    // What the cache knows is still answered: the unknown key from the negative cache, the
+    // valid key from the positive one.
+    get(&unknown[0]).await.assert_error(401, "invalid_api_key");
+    assert_eq!(get(&key).await.status, 200);
+    assert_eq!(queries(&s.metrics().await), queries(&after));
+}
+
+#[tokio::test]
 async fn concurrent_misses_on_one_key_share_one_store_query() {
     let (mut s, _up) = gateway("").await;
     let (_, key) = s.create_key(json!({"scopes": ["inference"]})).await;
