@@ -458,7 +458,8 @@ mod tests {
         record(KeyId::generate(), SecretValidity { valid_until: None })
     }
 
-    fn record(id: KeyId, validity: SecretValidity) -> Arc<CompactKey> {
+    /// A cached key with that id (the table's tests use it too).
+    pub(super) fn record(id: KeyId, validity: SecretValidity) -> Arc<CompactKey> {
         Arc::new(CompactKey::new(
             api_key(id),
             Arc::from("free"),

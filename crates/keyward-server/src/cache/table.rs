@@ -234,45 +234,13 @@ impl Slots {
 mod tests {
     use std::collections::HashMap;
 
-    use keyward_core::Timestamp;
-    use keyward_core::ids::{OrgId, ProjectId};
-    use keyward_core::key::{ApiKey, SecretValidity};
-    use keyward_core::key_format::Environment;
+    use keyward_core::key::SecretValidity;
     use proptest::prelude::*;
 
     use super::*;
 
     fn key(id: KeyId) -> Arc<CompactKey> {
-        let api_key = ApiKey {
-            id,
-            org_id: OrgId::generate(),
-            project_id: ProjectId::generate(),
-            name: String::new(),
-            environment: Environment::Live,
-            hint: String::new(),
-            scopes: vec![],
-            expires_at: None,
-            allowed_ips: vec![],
-            blocked_ips: vec![],
-            endpoint: None,
-            quota_requests: 60,
-            quota_window: 60,
-            remaining: None,
-            refill: None,
-            credits_version: 0,
-            meta: serde_json::Map::new(),
-            created_at: Timestamp::from_millis(0),
-            created_by: String::new(),
-            last_used_at: None,
-            revoked_at: None,
-            previous_valid_until: None,
-        };
-        Arc::new(CompactKey::new(
-            api_key,
-            Arc::from("free"),
-            SecretValidity { valid_until: None },
-            Arc::new,
-        ))
+        crate::cache::tests::record(id, SecretValidity { valid_until: None })
     }
 
     /// A hash whose home slot, prefix and tail are chosen, to force long runs, wrap-around
