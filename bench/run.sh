@@ -9,6 +9,9 @@
 #   g. keyward proxy mode on PostgreSQL storage (memory limits)
 #   h. the HTTP floor: keyward's stack and runtime shape answering a fixed forward-auth 200
 #      with no domain work (examples/http_floor.rs); e against h is what the domain work costs
+#   i. the proxy floor: keyward's stack and runtime shape forwarding to the upstream over one
+#      upstream connection per client connection, with no domain work (examples/proxy_floor.rs);
+#      b against i is what the domain work costs, i against c what the stack costs
 # Besides req/s and latency it reports each gateway's CPU time per request (user + system, all
 # its threads, from /proc), which varies less between runs than req/s on two shared cores, split
 # into user and system time (the kernel's share, loopback TCP and wake-ups, is what every
@@ -25,14 +28,15 @@ ROUNDS=${ROUNDS:-3}
 CONNECTIONS=${CONNECTIONS:-64}
 THREADS=${THREADS:-2}
 NKEYS=${NKEYS:-10000}
-SCENARIOS=${SCENARIOS:-a b c d e f g h}   # a subset measures faster; c is the ratios' base
+SCENARIOS=${SCENARIOS:-a b c d e f g h i}   # a subset measures faster; c is the ratios' base
 
 . bench/common.sh
 install_missing wrk:wrk nginx:nginx-light haproxy:haproxy redis-server:redis-server
 
 keyward_binary  # BENCH_BIN=<path> measures a saved build instead (an A/B)
-cargo build --release -p keyward-server --example http_floor >&2
+cargo build --release -p keyward-server --example http_floor --example proxy_floor >&2
 FLOOR_BIN=$PWD/target/release/examples/http_floor
+PROXY_FLOOR_BIN=$PWD/target/release/examples/proxy_floor
 bench_workspace bench
 
 start_upstream
@@ -58,7 +62,8 @@ mkdir -p "$RUN/kw-pg"
 keyward_config 19006 19016 "" "${PG_URL%/*}/$PG_DB" > "$RUN/kw-pg/keyward.toml"
 (cd "$RUN/kw-pg" && exec "$BIN" serve > out.log 2> err.log) & pids+=($!); kw_pg_pid=$!
 "$FLOOR_BIN" 19007 & pids+=($!); floor_pid=$!
-wait_port 19002; wait_port 19003; wait_port 19004; wait_port 19006; wait_port 19007
+"$PROXY_FLOOR_BIN" 19008 127.0.0.1:19000 & pids+=($!); proxy_floor_pid=$!
+wait_port 19002; wait_port 19003; wait_port 19004; wait_port 19006; wait_port 19007; wait_port 19008
 PG_ADMIN=$(grep -E '^kw_' "$RUN/kw-pg/err.log")
 python3 bench/make_keys.py 127.0.0.1:19006 "$PG_ADMIN" "$NKEYS" "$RUN/keys-pg.txt"
 
@@ -71,6 +76,7 @@ declare -A URL=(
   [f]="http://127.0.0.1:19004/bench/x"
   [g]="http://127.0.0.1:19006/bench/x"
   [h]="http://127.0.0.1:19007/v1/auth"
+  [i]="http://127.0.0.1:19008/x"
 )
 declare -A NAME=(
   [a]="upstream alone (nginx return 200, 1 worker)"
@@ -81,10 +87,12 @@ declare -A NAME=(
   [f]="keyward proxy, redis limits"
   [g]="keyward proxy, PostgreSQL store"
   [h]="HTTP floor (keyward's stack, fixed forward-auth answer)"
+  [i]="proxy floor (keyward's stack forwarding, no domain work)"
 )
 
 # Every scenario must authenticate for real before it is measured.
-# (h answers 200 to anything: it is the floor, not a gateway.)
+# (h answers 200 to anything and i forwards anything with a credential: they are floors, not
+# gateways.)
 key=$(head -1 "$RUN/keys.txt")
 for s in b c d e f g; do
   k=$key
@@ -105,6 +113,7 @@ declare -A GATEWAY=(
   [f]="$kw_redis_pid"
   [g]="$kw_pg_pid"
   [h]="$floor_pid"
+  [i]="$proxy_floor_pid"
 )
 cpu_ticks() { # pids → "user system" clock ticks of each whole process (threads that ended included)
   local user=0 system=0 p fields
