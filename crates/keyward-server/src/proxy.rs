@@ -125,7 +125,7 @@ pub fn strip_identity(headers: &mut HeaderMap) {
 pub fn insert_identity(state: &AppState, principal: &Principal, headers: &mut HeaderMap) {
     let signed = state.tokens.as_ref().is_some_and(|tokens| {
         tokens
-            .write_identity(principal, state.clock.now(), headers)
+            .write_identity(principal, principal.at, headers)
             .inspect_err(|e| {
                 tracing::warn!(code = e.code.as_str(), "cannot sign the identity token")
             })

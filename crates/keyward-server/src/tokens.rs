@@ -680,6 +680,7 @@ mod tests {
                 org_tier: Arc::from("free"),
             },
             client_ip: [127, 0, 0, 1].into(),
+            at: Timestamp::from_millis(0),
         };
         let identity = IdentityHeaders::of(&principal, Some("a.b.c"));
         let mut headers = HeaderMap::new();
