@@ -6,10 +6,10 @@
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, header};
-use keyward_core::{ErrorCode, Timestamp};
 use keyward_core::ids::OrgId;
 use keyward_core::key::{Access, CompactKey, authorize};
 use keyward_core::key_format::{KeyHash, is_well_formed};
+use keyward_core::{ErrorCode, Timestamp};
 use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -387,9 +387,7 @@ impl FromRequestParts<AppState> for Management {
         )
         .await?;
         if let Some(key) = principal.key() {
-            state
-                .usage
-                .record(&key.id, Outcome::Allowed, principal.at);
+            state.usage.record(&key.id, Outcome::Allowed, principal.at);
         }
         Ok(Management(principal))
     }
