@@ -55,8 +55,7 @@ fn answer(request: &Request<Incoming>) -> Response<Body> {
     response
 }
 
-async fn serve(listener: std::net::TcpListener) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::from_std(listener)?;
+async fn serve(listener: tokio::net::TcpListener) -> std::io::Result<()> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -85,23 +84,9 @@ fn main() -> std::io::Result<()> {
         .unwrap_or(19007);
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let cores = core_affinity::get_core_ids().unwrap_or_default();
-    let mut threads = Vec::new();
-    for (i, listener) in keyward_server::serve::bind_workers(addr, workers)?
-        .into_iter()
-        .enumerate()
-    {
-        let core = cores.get(i % cores.len().max(1)).copied();
-        threads.push(std::thread::spawn(move || -> std::io::Result<()> {
-            if let Some(core) = core {
-                core_affinity::set_for_current(core);
-            }
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?
-                .block_on(serve(listener))
-        }));
-    }
+    let listeners = keyward_server::serve::bind_workers(addr, workers)?;
+    let threads =
+        keyward_server::serve::spawn_workers(listeners, core_affinity::get_core_ids(), serve)?;
     for thread in threads {
         thread
             .join()

@@ -67,8 +67,7 @@ async fn forward(
     }
 }
 
-async fn serve(listener: std::net::TcpListener, upstream: SocketAddr) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::from_std(listener)?;
+async fn serve(listener: tokio::net::TcpListener, upstream: SocketAddr) -> std::io::Result<()> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -99,23 +98,12 @@ fn main() -> std::io::Result<()> {
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 19000)));
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let cores = core_affinity::get_core_ids().unwrap_or_default();
-    let mut threads = Vec::new();
-    for (i, listener) in keyward_server::serve::bind_workers(addr, workers)?
-        .into_iter()
-        .enumerate()
-    {
-        let core = cores.get(i % cores.len().max(1)).copied();
-        threads.push(std::thread::spawn(move || -> std::io::Result<()> {
-            if let Some(core) = core {
-                core_affinity::set_for_current(core);
-            }
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?
-                .block_on(serve(listener, upstream))
-        }));
-    }
+    let listeners = keyward_server::serve::bind_workers(addr, workers)?;
+    let threads = keyward_server::serve::spawn_workers(
+        listeners,
+        core_affinity::get_core_ids(),
+        move |listener| serve(listener, upstream),
+    )?;
     for thread in threads {
         thread
             .join()

@@ -46,6 +46,43 @@ pub fn bind_workers(
     Ok(listeners)
 }
 
+/// Starts one worker thread per listener, each on a current-thread runtime of its own and,
+/// when `cores` are given, pinned to one of them (unpinned, the scheduler stacked both workers
+/// on one core in some runs: PERFORMANCE.md). Public for the benchmark floors in `examples/`,
+/// which must run exactly as keyward does.
+pub fn spawn_workers<F, Fut>(
+    listeners: Vec<std::net::TcpListener>,
+    cores: Option<Vec<core_affinity::CoreId>>,
+    serve: F,
+) -> std::io::Result<Vec<thread::JoinHandle<std::io::Result<()>>>>
+where
+    F: Fn(tokio::net::TcpListener) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = std::io::Result<()>>,
+{
+    let mut handles = Vec::with_capacity(listeners.len());
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let core = cores
+            .as_ref()
+            .and_then(|c| c.get(i % c.len().max(1)).copied());
+        let serve = serve.clone();
+        let handle = thread::Builder::new()
+            .name(format!("keyward-worker-{i}"))
+            .spawn(move || -> std::io::Result<()> {
+                if let Some(core) = core {
+                    core_affinity::set_for_current(core);
+                }
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?
+                    .block_on(
+                        async move { serve(tokio::net::TcpListener::from_std(listener)?).await },
+                    )
+            })?;
+        handles.push(handle);
+    }
+    Ok(handles)
+}
+
 async fn shutdown_requested(mut rx: watch::Receiver<bool>) {
     // An error means the sender is gone, which is a shutdown too.
     let _ = rx.wait_for(|stop| *stop).await;
@@ -156,35 +193,16 @@ pub fn run(config: Config) -> Result<(), BoxError> {
     let metrics = crate::metrics::install();
     let metrics_upkeep = metrics.clone();
     let front = Arc::new(crate::front::Front::new(state.clone()));
-    let mut handles = Vec::with_capacity(workers);
     let cores = state
         .config
         .server
         .pin_workers
         .then(core_affinity::get_core_ids)
         .flatten();
-    for (i, listener) in public.into_iter().enumerate() {
-        let cores = cores.clone();
-        let front = front.clone();
-        let stop = stop_rx.clone();
-        let handle = thread::Builder::new()
-            .name(format!("keyward-worker-{i}"))
-            .spawn(move || -> std::io::Result<()> {
-                // One worker per core, pinned: unpinned, the scheduler stacked both workers on
-                // one core in some runs (PERFORMANCE.md).
-                if let Some(core) = cores.as_ref().and_then(|c| c.get(i % c.len().max(1))) {
-                    core_affinity::set_for_current(*core);
-                }
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?;
-                rt.block_on(async move {
-                    let listener = tokio::net::TcpListener::from_std(listener)?;
-                    crate::front::serve(listener, front, stop).await
-                })
-            })?;
-        handles.push(handle);
-    }
+    let worker_stop = stop_rx.clone();
+    let handles = spawn_workers(public, cores, move |listener| {
+        crate::front::serve(listener, front.clone(), worker_stop.clone())
+    })?;
 
     main_rt.block_on(async {
         let internal = tokio::net::TcpListener::from_std(internal)?;
