@@ -101,6 +101,11 @@ for s in b c d e f g; do
   bad=$(curl -s -o /dev/null -w '%{http_code}' -H "X-Forwarded-Uri: /bench/x" -H "Authorization: Bearer kw_live_nope" "${URL[$s]}")
   [ "$ok" = 200 ] && [ "$bad" = 401 ] || { echo "scenario $s: valid key → $ok, bad key → $bad" >&2; exit 1; }
 done
+# The proxy floor must reach the upstream (a 502 floor would measure nothing): 200 with a
+# credential, 401 without.
+ok=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $key" "${URL[i]}")
+bad=$(curl -s -o /dev/null -w '%{http_code}' "${URL[i]}")
+[ "$ok" = 200 ] && [ "$bad" = 401 ] || { echo "scenario i: with a credential → $ok, without → $bad" >&2; exit 1; }
 
 # The processes doing each scenario's gateway work (nginx: its workers), for CPU per request:
 # a steadier figure than req/s on two shared cores, and one that shows where time goes.
