@@ -29,12 +29,18 @@ int main(int argc, char **argv) {
     return 2;
   }
   for (int arg = 1; arg < argc; arg++) {
-    size_t bytes = (size_t)atoi(argv[arg]) << 20;
+    char *end;
+    unsigned long megabytes = strtoul(argv[arg], &end, 10);
+    if (*end != '\0' || megabytes == 0 || megabytes > (1ul << 20)) {
+      fprintf(stderr, "not a size in MB (1 to 1048576): %s\n", argv[arg]);
+      return 2;
+    }
+    size_t bytes = (size_t)megabytes << 20;
     size_t lines = bytes / LINE;
     size_t rounded = (bytes + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE;
     char *buffer = aligned_alloc(HUGE_PAGE, rounded);
     size_t *order = malloc(lines * sizeof *order);
-    if (!buffer || !order || lines < 2) {
+    if (!buffer || !order) {
       fprintf(stderr, "cannot allocate %s MB\n", argv[arg]);
       return 1;
     }
