@@ -70,6 +70,9 @@ pub struct TokensConfig {
     pub issuer: String,
     pub audience: String,
     pub exchange_path: String,
+    /// Sign `X-Keyward-Identity` for upstreams and forward-auth answers; without it they get
+    /// the plain identity headers only (for upstreams that trust the path the request took).
+    pub identity_token: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -242,6 +245,7 @@ impl fmt::Debug for TokensConfig {
             .field("issuer", &self.issuer)
             .field("audience", &self.audience)
             .field("exchange_path", &self.exchange_path)
+            .field("identity_token", &self.identity_token)
             .finish()
     }
 }
@@ -370,6 +374,7 @@ const KNOWN_KEYS: &[&str] = &[
     "tokens.issuer",
     "tokens.audience",
     "tokens.exchange_path",
+    "tokens.identity_token",
     "store.url",
     "keys.prefix",
     "keys.random_length",
@@ -755,6 +760,8 @@ fn build(figment: &Figment) -> Result<Config, ConfigErrors> {
         );
     }
 
+    let identity_token = r.get("tokens.identity_token", true);
+
     let log_format = r.get("log.format", LogFormat::Text);
     let log_level: String = r.get("log.level", "info".to_owned());
 
@@ -812,6 +819,7 @@ fn build(figment: &Figment) -> Result<Config, ConfigErrors> {
             issuer,
             audience,
             exchange_path,
+            identity_token,
         },
         log: LogConfig {
             format: log_format,

@@ -453,11 +453,11 @@ impl TokenService {
         self.sign(IDENTITY_TYP, &claims)
     }
 
-    /// Sets every identity header for this caller (ids, scopes and the identity token),
-    /// reused while the token has 30 s or more to live: one signature per caller and
-    /// half-minute, and no per-request formatting. The values are copied out of the cache's
-    /// entry in place: no handle on the entry to count up and down, only the values' one
-    /// shared buffer count.
+    /// Sets every identity header for this caller (ids, scopes and, unless
+    /// `tokens.identity_token = false`, the identity token), reused while the token has 30 s
+    /// or more to live: one signature per caller and half-minute, and no per-request
+    /// formatting. The values are copied out of the cache's entry in place: no handle on the
+    /// entry to count up and down, only the values' one shared buffer count.
     pub fn write_identity(
         &self,
         principal: &Principal,
@@ -516,6 +516,9 @@ impl TokenService {
         principal: &Principal,
         now: Timestamp,
     ) -> ApiResult<IdentityHeaders> {
+        if !self.config.identity_token {
+            return Ok(IdentityHeaders::of(principal, None));
+        }
         let token = self.issue_identity(principal, now)?;
         Ok(IdentityHeaders::of(principal, Some(&token)))
     }

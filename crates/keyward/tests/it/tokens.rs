@@ -178,6 +178,52 @@ async fn the_exchange_path_is_configurable() {
 }
 
 #[tokio::test]
+async fn the_identity_token_can_be_left_out() {
+    let s = TestServer::start_with(&[("KEYWARD_TOKENS__IDENTITY_TOKEN", "false")]).await;
+    let (id, key) = s.create_key(json!({"scopes": ["inference"]})).await;
+    // The upstream gets the plain identity headers only, and a client-sent token is still
+    // dropped, not passed on in the signed one's place.
+    let spoof = s
+        .client
+        .get(format!("{}/echo/x", s.base))
+        .bearer_auth(&key)
+        .header("x-keyward-identity", "forged")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(spoof.status(), 200);
+    let seen: Value = spoof.json().await.unwrap();
+    assert_eq!(seen["headers"]["x-keyward-key-id"], id.as_str());
+    assert_eq!(seen["headers"]["x-keyward-scopes"], "inference");
+    assert!(
+        seen["headers"].get("x-keyward-identity").is_none(),
+        "{seen}"
+    );
+    // Forward-auth answers likewise, twice (the second from the identity cache).
+    for _ in 0..2 {
+        let auth = s
+            .client
+            .get(format!("{}/v1/auth", s.base))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(auth.status(), 200);
+        assert_eq!(auth.headers()["x-keyward-key-id"].to_str().unwrap(), id);
+        assert!(!auth.headers().contains_key("x-keyward-identity"));
+    }
+    // Exchanged tokens are another matter: still issued and accepted.
+    let token = exchange(&s, &key).await.body["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let echo = s.call(Method::GET, "/echo/x", Some(&token), None).await;
+    assert_eq!(echo.status, 200, "{}", echo.text);
+    assert_eq!(echo.body["headers"]["x-keyward-key-id"], id.as_str());
+    assert!(echo.body["headers"].get("x-keyward-identity").is_none());
+}
+
+#[tokio::test]
 async fn forged_and_tampered_tokens_are_refused() {
     let s = TestServer::start().await;
     let (_, key) = s.create_key(json!({"scopes": ["inference"]})).await;
