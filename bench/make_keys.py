@@ -1,5 +1,7 @@
 """Creates N keys through keyward's management API (keep-alive, so 10,000 take seconds) and
-writes their secrets, one per line. Usage: make_keys.py HOST:PORT ADMIN_KEY N OUT"""
+writes their secrets to OUT, one per line, and their ids to OUT.ids in the same order (what
+the nginx and HAProxy setups pass upstream, as keyward does). Usage: make_keys.py HOST:PORT
+ADMIN_KEY N OUT"""
 import http.client
 import json
 import sys
@@ -8,7 +10,7 @@ host, admin, n, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 conn = http.client.HTTPConnection(host)
 body = json.dumps({"quota_requests": 1000000000, "quota_window": 60})
 headers = {"Authorization": "Bearer " + admin, "Content-Type": "application/json"}
-with open(out, "w") as f:
+with open(out, "w") as f, open(out + ".ids", "w") as ids:
     for _ in range(n):
         conn.request("POST", "/v1/keys", body, headers)
         reply = conn.getresponse()
@@ -16,3 +18,4 @@ with open(out, "w") as f:
         if reply.status != 201:
             sys.exit(f"create failed: {reply.status} {data}")
         f.write(data["key"] + "\n")
+        ids.write(data["id"] + "\n")

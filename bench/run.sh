@@ -44,8 +44,9 @@ start_upstream
 start_keyward_with_keys "$NKEYS"
 kw_pid=$kw
 mkdir -p "$RUN/kw-redis"
-awk '{print "\"Bearer " $1 "\" 1;"}' "$RUN/keys.txt" > "$RUN/nginx-keys.map"
-awk '{print $1 " 1"}' "$RUN/keys.txt" > "$RUN/haproxy-keys.map"
+# Key → key id: the upstream learns who called, as keyward's X-Keyward-Key-Id tells it.
+paste -d' ' "$RUN/keys.txt" "$RUN/keys.txt.ids" | awk '{print "\"Bearer " $1 "\" " $2 ";"}' > "$RUN/nginx-keys.map"
+paste -d' ' "$RUN/keys.txt" "$RUN/keys.txt.ids" > "$RUN/haproxy-keys.map"
 
 sed "s#__RUN__#$RUN#g" bench/nginx-keyauth.conf > "$RUN/keyauth.conf"
 nginx -c "$RUN/keyauth.conf" -p "$RUN" & pids+=($!); keyauth_master=$!
@@ -100,6 +101,13 @@ for s in b c d e f g; do
   ok=$(curl -s -o /dev/null -w '%{http_code}' -H "X-Forwarded-Uri: /bench/x" -H "Authorization: Bearer $k" "${URL[$s]}")
   bad=$(curl -s -o /dev/null -w '%{http_code}' -H "X-Forwarded-Uri: /bench/x" -H "Authorization: Bearer kw_live_nope" "${URL[$s]}")
   [ "$ok" = 200 ] && [ "$bad" = 401 ] || { echo "scenario $s: valid key → $ok, bad key → $bad" >&2; exit 1; }
+done
+# Every proxy tells the upstream which key called (keyward's X-Keyward-Key-Id; nginx's and
+# HAProxy's setups set the same header from their maps), or the comparison is not of one job.
+key_id=$(head -1 "$RUN/keys.txt.ids")
+for s in b c d f; do
+  caller=$(curl -s -H "Authorization: Bearer $key" "${URL[$s]%/x}/caller")
+  [ "$caller" = "$key_id" ] || { echo "scenario $s: the upstream saw key id '$caller', not $key_id" >&2; exit 1; }
 done
 # The proxy floor must reach the upstream (a 502 floor would measure nothing): 200 with a
 # credential, 401 without.
