@@ -209,7 +209,7 @@ impl IdentityHeaders {
 struct KeyIdentity {
     key: Arc<keyward_core::key::CompactKey>,
     headers: IdentityHeaders,
-    exp: i64,
+    renew_at: Renewal,
 }
 
 /// A proxy-authenticated user's identity.
@@ -218,7 +218,7 @@ struct CachedIdentity {
     project_id: Option<String>,
     scopes: Vec<Arc<str>>,
     headers: IdentityHeaders,
-    exp: i64,
+    renew_at: Renewal,
 }
 
 impl CachedIdentity {
@@ -227,6 +227,29 @@ impl CachedIdentity {
         self.scopes.as_slice() == principal.scopes()
             && self.org_id == principal.org_id().as_str()
             && self.project_id.as_deref() == principal.project_id()
+    }
+}
+
+/// The longest an identity token's renewal is brought forward, at random per signature.
+/// Keys first used together (a start, a deploy, a benchmark's warm-up) would otherwise all be
+/// re-signed in the same second every half-minute: ~19 µs each, a burst of ~0.2 s of CPU at
+/// 10,000 keys that the requests queued behind it see as tail latency.
+const RENEWAL_SPREAD_MS: u64 = 5_000;
+
+/// When a cached identity is signed anew (milliseconds since the epoch): while the token has
+/// 30 s or more to live, less a random part of [`RENEWAL_SPREAD_MS`].
+#[derive(Clone, Copy)]
+struct Renewal(i64);
+
+impl Renewal {
+    fn after_signing(now: Timestamp, random: u64) -> Self {
+        let last_fresh_second = now.as_secs() + IDENTITY_TTL_SECS - IDENTITY_TTL_SECS / 2;
+        let spread = i64::try_from(random % RENEWAL_SPREAD_MS).unwrap_or(0);
+        Self((last_fresh_second + 1) * 1000 - spread)
+    }
+
+    fn is_due(self, now: Timestamp) -> bool {
+        now.as_millis() >= self.0
     }
 }
 
@@ -455,8 +478,8 @@ impl TokenService {
 
     /// Sets every identity header for this caller (ids, scopes and, unless
     /// `tokens.identity_token = false`, the identity token), reused while the token has 30 s
-    /// or more to live: one signature per caller and half-minute, and no per-request
-    /// formatting. The values are copied out of the cache's entry in place: no handle on the
+    /// or more to live (less up to 5 s at random, see [`RENEWAL_SPREAD_MS`]): one signature
+    /// per caller and half-minute, and no per-request formatting. The values are copied out of the cache's entry in place: no handle on the
     /// entry to count up and down, only the values' one shared buffer count.
     pub fn write_identity(
         &self,
@@ -464,14 +487,13 @@ impl TokenService {
         now: Timestamp,
         headers: &mut HeaderMap,
     ) -> ApiResult<()> {
-        let fresh = |exp: i64| exp - now.as_secs() >= IDENTITY_TTL_SECS / 2;
         // A key's identity is found by the address of its cached `CompactKey` (immutable; a changed
         // key is a new allocation), which the entry keeps alive so the address is not reused.
         if let Some(key) = principal.key() {
             let address = Arc::as_ptr(key) as usize;
             if let Some(entry) = self.key_identities.get(&address)
                 && Arc::ptr_eq(&entry.key, key)
-                && fresh(entry.exp)
+                && !entry.renew_at.is_due(now)
             {
                 entry.headers.write_to(headers);
                 return Ok(());
@@ -483,14 +505,14 @@ impl TokenService {
                 KeyIdentity {
                     key: key.clone(),
                     headers: identity,
-                    exp: now.as_secs() + IDENTITY_TTL_SECS,
+                    renew_at: self.renewal(address, now),
                 },
             );
             return Ok(());
         }
         let who = principal.actor_str();
         if let Some(entry) = self.identities.get(&*who)
-            && fresh(entry.exp)
+            && !entry.renew_at.is_due(now)
             && entry.describes(principal)
         {
             entry.headers.write_to(headers);
@@ -498,6 +520,7 @@ impl TokenService {
         }
         let identity = self.identity_headers(principal, now)?;
         identity.write_to(headers);
+        let renew_at = self.renewal(&*who, now);
         self.identities.insert(
             who.into_owned(),
             CachedIdentity {
@@ -505,10 +528,18 @@ impl TokenService {
                 project_id: principal.project_id().map(str::to_owned),
                 scopes: principal.scopes().to_vec(),
                 headers: identity,
-                exp: now.as_secs() + IDENTITY_TTL_SECS,
+                renew_at,
             },
         );
         Ok(())
+    }
+
+    /// When an identity signed now is signed anew. Any input that differs between callers
+    /// will do for the random part: the spread needs no secrecy.
+    fn renewal(&self, caller: impl std::hash::Hash, now: Timestamp) -> Renewal {
+        use std::hash::BuildHasher;
+        let random = self.identities.hasher().hash_one((caller, now.as_millis()));
+        Renewal::after_signing(now, random)
     }
 
     fn identity_headers(
@@ -525,9 +556,10 @@ impl TokenService {
 
     /// Drops identities too old to be reused (called with the periodic flush).
     pub fn evict_identities(&self, now: Timestamp) {
-        let live = |exp: i64| exp - now.as_secs() >= IDENTITY_TTL_SECS / 2;
-        self.key_identities.retain(|_, entry| live(entry.exp));
-        self.identities.retain(|_, entry| live(entry.exp));
+        self.key_identities
+            .retain(|_, entry| !entry.renew_at.is_due(now));
+        self.identities
+            .retain(|_, entry| !entry.renew_at.is_due(now));
         let now_secs = now.as_secs();
         self.verified
             .retain(|_, v| now_secs <= v.claims.exp + LEEWAY_SECS as i64);
@@ -717,6 +749,31 @@ mod tests {
             Some(0)
         );
         assert_eq!(headers.get(IDENTITY_HEADER).map(HeaderValue::len), Some(5));
+    }
+
+    #[test]
+    fn identity_renewals_leave_30_s_to_live_and_spread_over_5_s() {
+        let signed = Timestamp::from_millis(1_800_000_000_123);
+        // The token signed then expires 60 s after the second it was signed in.
+        let exp_ms = (signed.as_secs() + IDENTITY_TTL_SECS) * 1000;
+        let mut renewals = std::collections::BTreeSet::new();
+        for random in (0..20_000u64).map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15)) {
+            let renewal = Renewal::after_signing(signed, random);
+            // Reused only while 30 s or more are left, as without the spread.
+            assert!(exp_ms - renewal.0 >= 29_000, "{}", exp_ms - renewal.0);
+            assert!(!renewal.is_due(signed.plus_secs(24)));
+            assert!(renewal.is_due(signed.plus_secs(31)));
+            renewals.insert(renewal.0);
+        }
+        let (first, last) = (renewals.first().copied(), renewals.last().copied());
+        let spread = last.zip(first).map(|(l, f)| l - f);
+        // Spread over (nearly) all of the 5 s, not bunched in a few instants.
+        assert!(spread.is_some_and(|s| s >= 4_900), "{spread:?}");
+        assert!(renewals.len() > 4_000, "{}", renewals.len());
+        // With no random part it is the old rule: due once fewer than 30 whole seconds remain.
+        let plain = Renewal::after_signing(signed, 0);
+        assert!(!plain.is_due(Timestamp::from_millis(exp_ms - 29_001)));
+        assert!(plain.is_due(Timestamp::from_millis(exp_ms - 29_000)));
     }
 
     #[test]
