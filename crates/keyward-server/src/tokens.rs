@@ -233,7 +233,8 @@ impl CachedIdentity {
 /// The longest an identity token's renewal is brought forward, at random per signature.
 /// Keys first used together (a start, a deploy, a benchmark's warm-up) would otherwise all be
 /// re-signed in the same second every half-minute: ~19 µs each, a burst of ~0.2 s of CPU at
-/// 10,000 keys that the requests queued behind it see as tail latency.
+/// 10,000 keys, which the requests waiting behind it pay for (a 10–15% throughput dip in that
+/// second, measured; docs/profiling.md).
 const RENEWAL_SPREAD_MS: u64 = 5_000;
 
 /// When a cached identity is signed anew (milliseconds since the epoch): while the token has
@@ -479,8 +480,9 @@ impl TokenService {
     /// Sets every identity header for this caller (ids, scopes and, unless
     /// `tokens.identity_token = false`, the identity token), reused while the token has 30 s
     /// or more to live (less up to 5 s at random, see [`RENEWAL_SPREAD_MS`]): one signature
-    /// per caller and half-minute, and no per-request formatting. The values are copied out of the cache's entry in place: no handle on the
-    /// entry to count up and down, only the values' one shared buffer count.
+    /// per caller and half-minute, and no per-request formatting. The values are copied out
+    /// of the cache's entry in place: no handle on the entry to count up and down, only the
+    /// values' one shared buffer count.
     pub fn write_identity(
         &self,
         principal: &Principal,
