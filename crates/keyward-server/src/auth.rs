@@ -341,8 +341,12 @@ pub async fn admit(state: &AppState, principal: &Principal, cost: u32) -> ApiRes
     };
     let report = state.limiter.decide(&plan, now).await?;
     let draft_headers = state.config.ratelimit.draft_headers;
+    // The memory backend counted it with the decision, in the entry that holds the key's log.
+    let counted = report.usage_counted;
     let record = |outcome| {
-        if let Some(key) = principal.key() {
+        if let Some(key) = principal.key()
+            && !counted
+        {
             state.usage.record(&key.id, outcome, now);
         }
     };

@@ -1,6 +1,7 @@
 //! keyward's HTTP server: configuration, the management API, the key lifecycle shared with
 //! the CLI, and the serving runtime.
 
+pub mod activity;
 pub mod api;
 pub mod auth;
 pub mod bootstrap;

@@ -16,8 +16,10 @@ use parking_lot::Mutex;
 use smallvec::{SmallVec, smallvec};
 use std::sync::atomic::{AtomicI64, Ordering};
 
+use crate::activity::{Activity, ActivityMap};
 use crate::config::{OnBackendError, RateLimitConfig, Tier};
 use crate::error::ApiError;
+use crate::usage::Outcome;
 
 /// At most three limits apply to a request (key quota, organisation minute and hour): held
 /// inline, where a `Vec` cost an allocation per request for the plan and one for the answer.
@@ -68,6 +70,9 @@ pub struct LimitReport {
     pub verdicts: Verdicts,
     /// Credits left after this request (if it has credits).
     pub credits_remaining: Option<i64>,
+    /// The backend counted the outcome in the key's usage already (the memory backend, in
+    /// the entry that holds the key's log).
+    pub usage_counted: bool,
 }
 
 impl LimitReport {
@@ -242,12 +247,6 @@ impl CreditState {
 }
 
 #[derive(Default)]
-struct KeyLog {
-    log: SlidingLog,
-    window_ms: i64,
-}
-
-#[derive(Default)]
 struct OrgLogs {
     minute: SlidingLog,
     hour: SlidingLog,
@@ -257,9 +256,11 @@ struct OrgLogs {
 type IdMap<K, V> = DashMap<K, V, foldhash::fast::RandomState>;
 
 /// Limits held by this node: exact, per key and per organisation, behind one small lock each.
+/// A key's log is in its [`Activity`] entry, shared with the usage recorder: the decision
+/// counts its outcome there too.
 #[derive(Default)]
 pub struct MemoryBackend {
-    keys: IdMap<KeyId, Mutex<KeyLog>>,
+    keys: Arc<ActivityMap>,
     orgs: IdMap<OrgId, Mutex<OrgLogs>>,
     credits: IdMap<KeyId, Mutex<CreditState>>,
 }
@@ -285,27 +286,52 @@ fn vanished() -> BackendError {
 }
 
 impl MemoryBackend {
-    /// Decides on this node's memory (synchronous: no I/O).
+    /// Holds the keys' logs in `activity` (the usage recorder's map).
+    pub fn new(activity: Arc<ActivityMap>) -> Self {
+        Self {
+            keys: activity,
+            orgs: IdMap::default(),
+            credits: IdMap::default(),
+        }
+    }
+
+    pub fn activity(&self) -> &Arc<ActivityMap> {
+        &self.keys
+    }
+
+    /// Decides on this node's memory (synchronous: no I/O), and counts the outcome in the
+    /// key's usage.
     pub fn decide_now(
         &self,
         plan: &LimitPlan<'_>,
         now: Timestamp,
     ) -> Result<LimitReport, BackendError> {
-        let t = now.as_millis();
-        let key_entry = match plan.key_id {
-            Some(key_id) => Some(get_or_create(&self.keys, key_id)?),
-            None => None,
+        let Some(key_id) = plan.key_id else {
+            return self.decide_with(&mut Activity::default(), plan, now);
         };
-        let org_entry = get_or_create(&self.orgs, plan.org_id)?;
         // Lock order: key, then organisation, then credits — the same everywhere.
-        let mut key_guard = key_entry.as_ref().map(|entry| entry.lock());
+        self.keys.with(key_id, |key| {
+            let mut report = self.decide_with(key, plan, now)?;
+            let outcome = match report.refused {
+                None => Outcome::Allowed,
+                Some(_) => Outcome::RateLimited,
+            };
+            key.usage.count(outcome, now);
+            report.usage_counted = true;
+            Ok(report)
+        })
+    }
+
+    fn decide_with(
+        &self,
+        key: &mut Activity,
+        plan: &LimitPlan<'_>,
+        now: Timestamp,
+    ) -> Result<LimitReport, BackendError> {
+        let t = now.as_millis();
+        let org_entry = get_or_create(&self.orgs, plan.org_id)?;
         let mut org = org_entry.lock();
         let org = &mut *org;
-        let mut no_key = KeyLog::default();
-        let key: &mut KeyLog = match key_guard.as_deref_mut() {
-            Some(k) => k,
-            None => &mut no_key,
-        };
         if let Some((_, limit)) = plan.limits.iter().find(|(p, _)| *p == Policy::Key) {
             key.window_ms = limit.window_ms;
         }
@@ -323,6 +349,7 @@ impl MemoryBackend {
                 refused: Some(ErrorCode::RateLimitExceeded),
                 verdicts: uncharged(verdicts, plan.cost),
                 credits_remaining: self.peek_credits(plan, now)?,
+                usage_counted: false,
             });
         }
         let cost = i64::try_from(plan.cost).unwrap_or(i64::MAX);
@@ -344,6 +371,7 @@ impl MemoryBackend {
                     refused: Some(ErrorCode::UsageExhausted),
                     verdicts: uncharged(verdicts, plan.cost),
                     credits_remaining: Some(credits.remaining),
+                    usage_counted: false,
                 });
             }
             credits.remaining -= cost;
@@ -362,6 +390,7 @@ impl MemoryBackend {
             refused: None,
             verdicts,
             credits_remaining,
+            usage_counted: false,
         })
     }
 
@@ -411,12 +440,10 @@ impl LimitBackend for MemoryBackend {
 
     fn evict_idle(&self, now: Timestamp) {
         let t = now.as_millis();
-        // An empty log carries nothing forward: dropping it changes no decision.
-        self.keys.retain(|_, key| {
-            let k = key.get_mut();
-            let window = k.window_ms;
-            !k.log.is_idle(t, window)
-        });
+        // An empty log carries nothing forward: dropping it changes no decision. Counts not
+        // yet written keep the entry.
+        self.keys
+            .retain(|_, key| !(key.log_is_idle(now) && key.usage.is_empty()));
         self.orgs.retain(|_, logs| {
             let l = logs.get_mut();
             !(l.minute.is_idle(t, 60_000) && l.hour.is_idle(t, 3_600_000))
@@ -441,8 +468,13 @@ pub struct Limiter {
 pub const BACKEND_BACKOFF: Duration = Duration::from_secs(1);
 
 impl Limiter {
-    pub fn new(backend: Option<Arc<dyn LimitBackend>>, config: RateLimitConfig) -> Self {
-        let local = Arc::new(MemoryBackend::default());
+    /// `activity`: the usage recorder's map, where this node's key logs go.
+    pub fn new(
+        backend: Option<Arc<dyn LimitBackend>>,
+        config: RateLimitConfig,
+        activity: Arc<ActivityMap>,
+    ) -> Self {
+        let local = Arc::new(MemoryBackend::new(activity));
         Self {
             memory_only: backend.is_none(),
             backend: backend.unwrap_or_else(|| local.clone()),
@@ -583,6 +615,7 @@ impl Limiter {
                 refused: None,
                 verdicts: Verdicts::new(),
                 credits_remaining: None,
+                usage_counted: false,
             }),
             OnBackendError::Deny => Err(ApiError::new(ErrorCode::LimiterUnavailable)),
         }
@@ -592,6 +625,7 @@ impl Limiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::usage::UsageRecorder;
 
     #[test]
     fn number_values_are_the_numbers_in_decimal() {
@@ -603,7 +637,8 @@ mod tests {
 
     #[test]
     fn idle_state_is_evicted_and_live_state_kept() {
-        let backend = MemoryBackend::default();
+        let usage = UsageRecorder::default();
+        let backend = MemoryBackend::new(usage.activity().clone());
         fn plan<'a>(key: &'a KeyId, org: &'a OrgId) -> LimitPlan<'a> {
             LimitPlan {
                 key_id: Some(key),
@@ -651,10 +686,28 @@ mod tests {
                 .refused
                 .is_none()
         );
-        // k1's one-second window is empty again; k2 used it just now.
-        backend.evict_idle(t0.plus_millis(30_500));
-        assert!(!backend.keys.contains_key(&k1));
-        assert!(backend.keys.contains_key(&k2));
+        // k1's one-second window is empty again; k2 used it just now. Both counted a use.
+        let now = t0.plus_millis(30_500);
+        backend.evict_idle(now);
+        assert!(
+            backend.keys.contains(&k1),
+            "its usage count is not written yet"
+        );
+        let (rows, _) = usage.drain(now);
+        assert_eq!(rows.len(), 2, "the decisions counted the keys' usage");
+        assert!(
+            backend.keys.contains(&k1),
+            "just used: a flush keeps the entry"
+        );
+        backend.evict_idle(now);
+        assert!(!backend.keys.contains(&k1));
+        assert!(backend.keys.contains(&k2));
+        let (rows, _) = usage.drain(now);
+        assert!(rows.is_empty());
+        assert!(
+            backend.keys.contains(&k2),
+            "a flush keeps the entry of a key whose window is in use"
+        );
         assert!(
             backend.orgs.contains_key(&org),
             "the org's hour window is still in use"

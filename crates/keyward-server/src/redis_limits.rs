@@ -477,6 +477,7 @@ impl LimitBackend for RedisBackend {
             refused,
             verdicts,
             credits_remaining,
+            usage_counted: false,
         })
     }
 

@@ -273,7 +273,7 @@ async fn reload_signing_keys(
 /// Writes usage counts and live credit counts; drops idle limiter state.
 async fn flush_usage(state: &AppState) {
     let now = state.clock.now();
-    match state.usage.flush(&*state.store).await {
+    match state.usage.flush(&*state.store, now).await {
         Ok(0) => {}
         Ok(rows) => tracing::debug!(rows, "usage written"),
         Err(e) => tracing::warn!(error = %e, "cannot write usage; kept in memory for the next try"),

@@ -49,14 +49,20 @@ impl AppState {
             unknown_per_client: config.cache.unknown_keys_per_client,
         }));
         let routes = Arc::new(RouteTable::new(&config.routes));
-        let limiter = Arc::new(Limiter::new(None, config.ratelimit.clone()));
+        // The keys' rate-limit logs and usage counts share one map entry per key.
+        let usage = Arc::new(UsageRecorder::default());
+        let limiter = Arc::new(Limiter::new(
+            None,
+            config.ratelimit.clone(),
+            usage.activity().clone(),
+        ));
         let inner = AppStateInner {
             config: Arc::new(config),
             store,
             clock,
             errors,
             keys,
-            usage: Arc::new(UsageRecorder::default()),
+            usage,
             routes,
             limiter,
             tokens: None,
@@ -73,7 +79,11 @@ impl AppState {
 
     /// Uses a shared rate-limit backend (Redis) instead of this node's memory.
     pub fn with_limit_backend(mut self, backend: Arc<dyn crate::limits::LimitBackend>) -> Self {
-        let limiter = Arc::new(Limiter::new(Some(backend), self.config.ratelimit.clone()));
+        let limiter = Arc::new(Limiter::new(
+            Some(backend),
+            self.config.ratelimit.clone(),
+            self.usage.activity().clone(),
+        ));
         Arc::make_mut(&mut self.inner).limiter = limiter;
         self
     }

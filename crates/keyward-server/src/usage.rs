@@ -1,15 +1,15 @@
 //! Usage counting: per key and minute, requests by outcome, plus `last_used_at`. Counted in
-//! memory with atomics on the request path, written to storage in batches (every
-//! `usage.flush_seconds` and once more at shutdown, after the last connection closed).
+//! memory on the request path, in the key's [`Activity`] entry (with its rate-limit log),
+//! written to storage in batches (every `usage.flush_seconds` and once more at shutdown, after
+//! the last connection closed).
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 
-use parking_lot::Mutex;
-
-use dashmap::DashMap;
 use keyward_core::ids::KeyId;
 use keyward_core::{ErrorCode, Timestamp};
 use keyward_store::{Store, StoreResult, UsageCounts, UsageRow};
+
+use crate::activity::{Activity, ActivityMap};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -33,9 +33,10 @@ impl Outcome {
 
 /// One key's counts not yet written.
 #[derive(Default)]
-struct KeyUsage {
-    last_used: AtomicI64,
-    minutes: Mutex<Minutes>,
+pub struct KeyUsage {
+    minutes: Minutes,
+    /// The latest allowed request (ms), 0 when none since the last flush.
+    last_used: i64,
 }
 
 /// Counts by minute start. The newest minute is held inline, so a request adds to it in the
@@ -77,16 +78,26 @@ impl Minutes {
 }
 
 impl KeyUsage {
-    fn add(&self, minute: i64, counts: &UsageCounts) {
-        self.minutes.lock().add(minute, counts);
+    /// Nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.minutes.newest.is_none() && self.minutes.older.is_empty() && self.last_used == 0
+    }
+
+    /// Counts one request.
+    pub fn count(&mut self, outcome: Outcome, now: Timestamp) {
+        self.minutes
+            .add(now.minute_start().as_millis(), &one(outcome));
+        if outcome == Outcome::Allowed {
+            self.last_used = self.last_used.max(now.as_millis());
+        }
     }
 }
 
-/// Keyed by the key's id, looked up without copying it: one map probe and one uncontended
-/// lock per request.
+/// Counts in the keys' activity entries, which the memory limiter shares: where it decided, it
+/// counted the outcome in the same probe.
 #[derive(Default)]
 pub struct UsageRecorder {
-    keys: DashMap<KeyId, KeyUsage, foldhash::fast::RandomState>,
+    activity: Arc<ActivityMap>,
 }
 
 fn one(outcome: Outcome) -> UsageCounts {
@@ -101,42 +112,45 @@ fn one(outcome: Outcome) -> UsageCounts {
 }
 
 impl UsageRecorder {
+    pub fn new(activity: Arc<ActivityMap>) -> Self {
+        Self { activity }
+    }
+
+    /// The map the memory limiter must share.
+    pub fn activity(&self) -> &Arc<ActivityMap> {
+        &self.activity
+    }
+
     pub fn record(&self, key: &KeyId, outcome: Outcome, now: Timestamp) {
-        let record = |usage: &KeyUsage| {
-            usage.add(now.minute_start().as_millis(), &one(outcome));
-            if outcome == Outcome::Allowed {
-                usage.last_used.fetch_max(now.as_millis(), Ordering::AcqRel);
-            }
-        };
-        // A shared (read) lock in the common case: the key has an entry already.
-        match self.keys.get(key) {
-            Some(usage) => record(&usage),
-            None => record(&self.keys.entry(*key).or_default()),
-        }
+        self.activity
+            .with(key, |activity| activity.usage.count(outcome, now));
     }
 
     /// Counts not yet written, for one key (merged into usage answers).
     pub fn pending(&self, key: &KeyId) -> Vec<(Timestamp, UsageCounts)> {
-        let Some(usage) = self.keys.get(key) else {
-            return Vec::new();
-        };
-        let minutes = usage.minutes.lock();
-        minutes
-            .iter()
-            .filter(|(_, c)| !c.is_zero())
-            .map(|(m, c)| (Timestamp::from_millis(*m), *c))
-            .collect()
+        self.activity
+            .peek(key, |activity| {
+                activity
+                    .usage
+                    .minutes
+                    .iter()
+                    .filter(|(_, c)| !c.is_zero())
+                    .map(|(m, c)| (Timestamp::from_millis(*m), *c))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Takes every count so far. A key keeps its entry while it is in use (re-creating it
-    /// after every flush would copy its id and take a shard's write lock per busy key); one
-    /// with nothing since the last flush is dropped.
-    fn drain(&self) -> (Vec<UsageRow>, Vec<(KeyId, Timestamp)>) {
+    /// after every flush would copy its id and take a shard's write lock per busy key), and
+    /// while its rate-limit log holds anything; one with neither is dropped.
+    pub(crate) fn drain(&self, now: Timestamp) -> (Vec<UsageRow>, Vec<(KeyId, Timestamp)>) {
         let mut rows = Vec::new();
         let mut last_used = Vec::new();
-        self.keys.retain(|key, usage| {
+        self.activity.retain(|key, activity| {
+            let usage = &mut activity.usage;
             let mut idle = true;
-            for (minute, counts) in usage.minutes.lock().take() {
+            for (minute, counts) in usage.minutes.take() {
                 idle = false;
                 if !counts.is_zero() {
                     rows.push(UsageRow {
@@ -146,18 +160,18 @@ impl UsageRecorder {
                     });
                 }
             }
-            let at = usage.last_used.swap(0, Ordering::AcqRel);
+            let at = std::mem::take(&mut usage.last_used);
             if at > 0 {
                 last_used.push((*key, Timestamp::from_millis(at)));
             }
-            !(idle && at == 0)
+            !(idle && at == 0 && activity.log_is_idle(now))
         });
         (rows, last_used)
     }
 
     /// Writes everything counted so far. On failure the counts are put back.
-    pub async fn flush(&self, store: &dyn Store) -> StoreResult<usize> {
-        let (rows, last_used) = self.drain();
+    pub async fn flush(&self, store: &dyn Store, now: Timestamp) -> StoreResult<usize> {
+        let (rows, last_used) = self.drain(now);
         if rows.is_empty() && last_used.is_empty() {
             return Ok(0);
         }
@@ -165,17 +179,18 @@ impl UsageRecorder {
             Ok(()) => Ok(rows.len()),
             Err(e) => {
                 for row in &rows {
-                    self.keys
-                        .entry(row.key_id)
-                        .or_default()
-                        .add(row.minute.as_millis(), &row.counts);
+                    self.activity.with(&row.key_id, |activity: &mut Activity| {
+                        activity
+                            .usage
+                            .minutes
+                            .add(row.minute.as_millis(), &row.counts);
+                    });
                 }
                 for (key, at) in last_used {
-                    self.keys
-                        .entry(key)
-                        .or_default()
-                        .last_used
-                        .fetch_max(at.as_millis(), Ordering::AcqRel);
+                    self.activity.with(&key, |activity| {
+                        let usage = &mut activity.usage;
+                        usage.last_used = usage.last_used.max(at.as_millis());
+                    });
                 }
                 Err(e)
             }
@@ -195,7 +210,7 @@ mod tests {
         r.record(&k, Outcome::Allowed, t);
         r.record(&k, Outcome::Allowed, t.plus_secs(30));
         r.record(&k, Outcome::Forbidden, t.plus_secs(61));
-        let (rows, last) = r.drain();
+        let (rows, last) = r.drain(t);
         assert_eq!(rows.len(), 2);
         let first = rows.iter().find(|r| r.minute == t).map(|r| r.counts);
         assert_eq!(
@@ -206,7 +221,7 @@ mod tests {
             })
         );
         assert_eq!(last, vec![(k, t.plus_secs(30))]);
-        let (again, _) = r.drain();
+        let (again, _) = r.drain(t);
         assert!(again.is_empty());
         assert!(r.pending(&k).is_empty());
     }
@@ -229,7 +244,7 @@ mod tests {
         }
         let mut pending = r.pending(&k);
         pending.sort_by_key(|(m, _)| *m);
-        let (rows, _) = r.drain();
+        let (rows, _) = r.drain(minute(4));
         assert_eq!(rows.len(), 3);
         let counts = |n: i64| {
             rows.iter()
@@ -265,21 +280,21 @@ mod tests {
         let t = Timestamp::from_millis(120_000);
         r.record(&busy, Outcome::Allowed, t);
         r.record(&idle, Outcome::Allowed, t);
-        assert_eq!(r.drain().0.len(), 2);
+        assert_eq!(r.drain(t).0.len(), 2);
         assert_eq!(
-            r.keys.len(),
+            r.activity.len(),
             2,
             "a flush keeps the entries of keys just used"
         );
         r.record(&busy, Outcome::RateLimited, t.plus_secs(1));
-        let (rows, last) = r.drain();
+        let (rows, last) = r.drain(t);
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].key_id, busy);
         assert_eq!(rows[0].counts.rate_limited, 1);
         assert!(last.is_empty(), "a refused request is no use");
-        assert!(r.keys.contains_key(&busy));
+        assert!(r.activity.contains(&busy));
         assert!(
-            !r.keys.contains_key(&idle),
+            !r.activity.contains(&idle),
             "idle for a whole period: dropped"
         );
     }
