@@ -141,10 +141,11 @@ impl UsageRecorder {
             .unwrap_or_default()
     }
 
-    /// Takes every count so far. A key keeps its entry while it is in use (re-creating it
-    /// after every flush would copy its id and take a shard's write lock per busy key), and
-    /// while its rate-limit log holds anything; one with neither is dropped.
-    pub(crate) fn drain(&self, now: Timestamp) -> (Vec<UsageRow>, Vec<(KeyId, Timestamp)>) {
+    /// Takes every count so far (what a flush writes; public for the benchmarks). A key keeps
+    /// its entry while it is in use (re-creating it after every flush would copy its id and
+    /// take a shard's write lock per busy key), and while its rate-limit log holds anything;
+    /// one with neither is dropped.
+    pub fn drain(&self, now: Timestamp) -> (Vec<UsageRow>, Vec<(KeyId, Timestamp)>) {
         let mut rows = Vec::new();
         let mut last_used = Vec::new();
         self.activity.retain(|key, activity| {
