@@ -112,10 +112,6 @@ fn one(outcome: Outcome) -> UsageCounts {
 }
 
 impl UsageRecorder {
-    pub fn new(activity: Arc<ActivityMap>) -> Self {
-        Self { activity }
-    }
-
     /// The map the memory limiter must share.
     pub fn activity(&self) -> &Arc<ActivityMap> {
         &self.activity
