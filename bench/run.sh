@@ -2,6 +2,9 @@
 # Side-by-side load test on loopback, one run, same wrk settings for every scenario:
 #   a. the upstream alone (nginx `return 200`, 1 worker): the ceiling
 #   b. keyward proxy mode, keys drawn from 10,000, limits too high to trigger
+#   j. the same with `tokens.identity_token = false`: the upstream gets the plain identity
+#      headers but no signed token, which is exactly the job c and d do (b against j is what
+#      the token costs, j against c the comparison of like with like)
 #   c. nginx doing the same job (map of keys, per-key limit_req, proxy_pass, JSON 401/429)
 #   d. HAProxy doing the same (map, stick-table, http-request return)
 #   e. keyward forward-auth GET /v1/auth (compare with a: nginx's static return 200)
@@ -32,7 +35,7 @@ ROUNDS=${ROUNDS:-3}
 CONNECTIONS=${CONNECTIONS:-64}
 THREADS=${THREADS:-2}
 NKEYS=${NKEYS:-10000}
-SCENARIOS=${SCENARIOS:-a b c d e f g h i}   # a subset measures faster; c is the ratios' base
+SCENARIOS=${SCENARIOS:-a b j c d e f g h i}   # a subset measures faster; c is the ratios' base
 
 . bench/common.sh
 install_missing wrk:wrk nginx:nginx-light haproxy:haproxy redis-server:redis-server
@@ -67,9 +70,12 @@ trap 'cleanup; psql "$PG_URL" -qAtX -c "DROP DATABASE IF EXISTS $PG_DB WITH (FOR
 mkdir -p "$RUN/kw-pg"
 keyward_config 19006 19016 "" "${PG_URL%/*}/$PG_DB" > "$RUN/kw-pg/keyward.toml"
 (cd "$RUN/kw-pg" && exec "$BIN" serve > out.log 2> err.log) & pids+=($!); kw_pg_pid=$!
+mkdir -p "$RUN/kw-plain"
+{ keyward_config 19009 19019; printf '[tokens]\nidentity_token = false\n'; } > "$RUN/kw-plain/keyward.toml"
+(cd "$RUN/kw-plain" && exec "$BIN" serve > out.log 2> err.log) & pids+=($!); kw_plain_pid=$!
 "$FLOOR_BIN" 19007 & pids+=($!); floor_pid=$!
 "$PROXY_FLOOR_BIN" 19008 127.0.0.1:19000 & pids+=($!); proxy_floor_pid=$!
-wait_port 19002; wait_port 19003; wait_port 19004; wait_port 19006; wait_port 19007; wait_port 19008
+wait_port 19002; wait_port 19003; wait_port 19004; wait_port 19006; wait_port 19007; wait_port 19008; wait_port 19009
 PG_ADMIN=$(grep -E '^kw_' "$RUN/kw-pg/err.log")
 python3 bench/make_keys.py 127.0.0.1:19006 "$PG_ADMIN" "$NKEYS" "$RUN/keys-pg.txt"
 
@@ -83,6 +89,7 @@ declare -A URL=(
   [g]="http://127.0.0.1:19006/bench/x"
   [h]="http://127.0.0.1:19007/v1/auth"
   [i]="http://127.0.0.1:19008/x"
+  [j]="http://127.0.0.1:19009/bench/x"
 )
 declare -A NAME=(
   [a]="upstream alone (nginx return 200, 1 worker)"
@@ -94,13 +101,14 @@ declare -A NAME=(
   [g]="keyward proxy, PostgreSQL store"
   [h]="HTTP floor (keyward's stack, fixed forward-auth answer)"
   [i]="proxy floor (keyward's stack forwarding, no domain work)"
+  [j]="keyward proxy, memory limits, no identity token"
 )
 
 # Every scenario must authenticate for real before it is measured.
 # (h answers 200 to anything and i forwards anything with a credential: they are floors, not
 # gateways.)
 key=$(head -1 "$RUN/keys.txt")
-for s in b c d e f g; do
+for s in b c d e f g j; do
   k=$key
   [ "$s" = g ] && k=$(head -1 "$RUN/keys-pg.txt")
   ok=$(curl -s -o /dev/null -w '%{http_code}' -H "X-Forwarded-Uri: /bench/x" -H "Authorization: Bearer $k" "${URL[$s]}")
@@ -110,10 +118,15 @@ done
 # Every proxy tells the upstream which key called (keyward's X-Keyward-Key-Id; nginx's and
 # HAProxy's setups set the same header from their maps), or the comparison is not of one job.
 key_id=$(head -1 "$RUN/keys.txt.ids")
-for s in b c d f; do
+for s in b c d f j; do
   caller=$(curl -s -H "Authorization: Bearer $key" "${URL[$s]%/x}/caller")
   [ "$caller" = "$key_id" ] || { echo "scenario $s: the upstream saw key id '$caller', not $key_id" >&2; exit 1; }
 done
+# b sends the signed identity token upstream and j does not (or b against j measures nothing).
+token=$(curl -s -H "Authorization: Bearer $key" "${URL[b]%/x}/identity")
+[ "$(tr -cd . <<< "$token")" = .. ] || { echo "scenario b: the upstream got no identity token" >&2; exit 1; }
+token=$(curl -s -H "Authorization: Bearer $key" "${URL[j]%/x}/identity")
+[ -z "$token" ] || { echo "scenario j: the upstream got an identity token" >&2; exit 1; }
 # The proxy floor must reach the upstream (a 502 floor would measure nothing): 200 with a
 # credential, 401 without.
 ok=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $key" "${URL[i]}")
@@ -126,6 +139,7 @@ UPSTREAM_WORKERS="$(pgrep -P "$upstream_pid" | xargs)"
 declare -A GATEWAY=(
   [a]="$UPSTREAM_WORKERS"
   [b]="$kw_pid" [e]="$kw_pid"
+  [j]="$kw_plain_pid"
   [c]="$(pgrep -P "$keyauth_master" | xargs)"
   [d]="$haproxy_pid"
   [f]="$kw_redis_pid"
