@@ -221,10 +221,21 @@ done
 
 median() { tr ';' '\n' | grep -v '^$' | awk -v c="$1" '{print $c}' | sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
 total() { tr ';' '\n' | grep -v '^$' | awk -v c="$1" '{s += $c} END {print s + 0}'; }
-# Without c in the run there is no base for the ratio column.
-nginx_rps=$(echo "${RESULTS[c]:-}" | median 1 || true)
+# The ratio to nginx is taken per round (c runs within seconds of each scenario), and the
+# median of those is shown with each round's: the machine drifts within a run, so a ratio of
+# the medians can pair a fast round of one with a slow round of the other. Without c in the
+# run there is no base for the ratio column.
+round_ratios() { # results-of-scenario results-of-c → "median (r1 / r2 / …)" or "-"
+  [ -n "$2" ] || { echo "-"; return; }
+  local ratios
+  ratios=$(paste -d' ' <(echo "$1" | tr ';' '\n' | grep -v '^$' | awk '{print $1}') \
+                       <(echo "$2" | tr ';' '\n' | grep -v '^$' | awk '{print $1}') |
+           awk '{ printf "%.2f\n", $1 / $2 }')
+  printf "%s (%s)" "$(echo "$ratios" | sort -g | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}')" \
+    "$(echo "$ratios" | paste -sd/ | sed 's#/# / #g')"
+}
 echo
-fifth="× nginx key-auth"
+fifth="× nginx key-auth: median (per round)"
 if [ -n "${RATE:-}" ]; then
   fifth="p99.9 ms"
   echo "oha -z $DURATION -q $RATE -c $CONNECTIONS --latency-correction (open loop), one key of $NKEYS, 2 s wrk warm-up, $ROUNDS interleaved rounds, medians"
@@ -241,7 +252,7 @@ for s in $SCENARIOS; do
   bad="$(echo "${RESULTS[$s]}" | total 4) / $(echo "${RESULTS[$s]}" | total 7)"
   cpu="$(echo "${RESULTS[$s]}" | median 5) ($(echo "${RESULTS[$s]}" | median 8) + $(echo "${RESULTS[$s]}" | median 9))"
   upstream_cpu=$(echo "${RESULTS[$s]}" | median 10)
-  ratio=$(awk -v a="$rps" -v b="$nginx_rps" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "-" }')
+  ratio=$(round_ratios "${RESULTS[$s]}" "${RESULTS[c]:-}")
   [ -n "${RATE:-}" ] && ratio=$(echo "${RESULTS[$s]}" | median 11)
   printf "| %s. %s | %.0f | %.2f | %.2f | %s | %s | %s | %s |\n" "$s" "${NAME[$s]}" "$rps" "$p50" "$p99" "$ratio" "$bad" "$cpu" "$upstream_cpu"
 done
