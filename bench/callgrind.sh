@@ -9,7 +9,9 @@
 # absolute figures.
 # Usage: bench/callgrind.sh   (NKEYS=500 WARM=20 MEASURE=20 URL_PATH=/bench/x to change;
 #        URL_PATH=/v1/auth counts forward-auth; LIMITS=redis uses the Redis backend, on a
-#        redis-server of its own). Installs valgrind, wrk, nginx and redis-server when missing.
+#        redis-server of its own; FLOOR=1 counts the proxy floor, examples/proxy_floor.rs,
+#        instead: what keyward's proxy counts above it is its domain work). Installs valgrind,
+#        wrk, nginx and redis-server when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NKEYS=${NKEYS:-500}
@@ -17,12 +19,17 @@ WARM=${WARM:-20}
 MEASURE=${MEASURE:-20}
 URL_PATH=${URL_PATH:-/bench/x}
 LIMITS=${LIMITS:-memory}
+FLOOR=${FLOOR:-}
 
 . bench/common.sh
 install_missing valgrind:valgrind wrk:wrk nginx:nginx-light
 [ "$LIMITS" = redis ] && install_missing redis-server:redis-server
 
-keyward_binary  # BENCH_BIN=<path> measures a saved build instead (an A/B)
+if [ -n "$FLOOR" ]; then
+  cargo build --release -p keyward-server --example proxy_floor >&2
+else
+  keyward_binary  # BENCH_BIN=<path> measures a saved build instead (an A/B)
+fi
 RUN=$(mktemp -d /tmp/keyward-callgrind.XXXXXX)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
@@ -35,29 +42,50 @@ if [ "$LIMITS" = redis ]; then
   wait_port 19015
   redis_url=redis://127.0.0.1:19015/
 fi
-keyward_config 19001 19011 "$redis_url" > "$RUN/kw/keyward.toml"
-(cd "$RUN/kw" && exec valgrind --tool=callgrind --callgrind-out-file="$RUN/callgrind.out" \
-  "$BIN" serve > out.log 2> err.log) & pids+=($!)
-for _ in $(seq 1 600); do (echo >/dev/tcp/127.0.0.1/19001) 2>/dev/null && break; sleep 0.1; done
-ADMIN=$(grep -E '^kw_' "$RUN/kw/err.log")
-python3 bench/make_keys.py 127.0.0.1:19001 "$ADMIN" "$NKEYS" "$RUN/keys.txt"
+if [ -n "$FLOOR" ]; then
+  # The floor forwards anything that carries a credential: random ones of keyward's length.
+  python3 -c 'import secrets, sys
+for _ in range(int(sys.argv[1])): print("kw_live_" + secrets.token_urlsafe(30))' "$NKEYS" > "$RUN/keys.txt"
+  FLOOR_BIN=$PWD/target/release/examples/proxy_floor
+  (cd "$RUN/kw" && exec valgrind --tool=callgrind --callgrind-out-file="$RUN/callgrind.out" \
+    "$FLOOR_BIN" 19001 127.0.0.1:19000 > out.log 2> err.log) & pids+=($!)
+  for _ in $(seq 1 600); do (echo >/dev/tcp/127.0.0.1/19001) 2>/dev/null && break; sleep 0.1; done
+else
+  keyward_config 19001 19011 "$redis_url" > "$RUN/kw/keyward.toml"
+  (cd "$RUN/kw" && exec valgrind --tool=callgrind --callgrind-out-file="$RUN/callgrind.out" \
+    "$BIN" serve > out.log 2> err.log) & pids+=($!)
+  for _ in $(seq 1 600); do (echo >/dev/tcp/127.0.0.1/19001) 2>/dev/null && break; sleep 0.1; done
+  ADMIN=$(grep -E '^kw_' "$RUN/kw/err.log")
+  python3 bench/make_keys.py 127.0.0.1:19001 "$ADMIN" "$NKEYS" "$RUN/keys.txt"
+fi
 
 extra=""
 [ "$URL_PATH" = /v1/auth ] && extra="X-Forwarded-Uri: /bench/x"
-load() { KEYS_FILE="$RUN/keys.txt" EXTRA_HEADER="$extra" wrk -t1 -c8 -d"$1"s -s bench/keys.lua "http://127.0.0.1:19001$URL_PATH" > /dev/null; }
-served() { curl -s 127.0.0.1:19011/metrics | awk '/^keyward_requests_total\{/ && /status="200"/ {s += $2} END {print s + 0}'; }
+load() { KEYS_FILE="$RUN/keys.txt" EXTRA_HEADER="$extra" wrk -t1 -c8 -d"$1"s -s bench/keys.lua "http://127.0.0.1:19001$URL_PATH" > "$RUN/wrk.txt"; }
+# keyward's own count of 200s; the floor has no metrics, and every answer of its is the
+# upstream's 200 (wrk's count of the measured window, checked for non-2xx).
+served() {
+  if [ -n "$FLOOR" ]; then
+    ! grep -q Non-2xx "$RUN/wrk.txt" || { echo "the floor answered non-2xx" >&2; exit 1; }
+    awk '/ requests in / {print $1}' "$RUN/wrk.txt"
+  else
+    curl -s 127.0.0.1:19011/metrics | awk '/^keyward_requests_total\{/ && /status="200"/ {s += $2} END {print s + 0}'
+  fi
+}
 load "$WARM"
 callgrind_control -z > /dev/null
 before=$(served)
 load "$MEASURE"
 after=$(served)
+[ -n "$FLOOR" ] && before=0
 callgrind_control -d > /dev/null
 sleep 1
 requests=$((after - before))
 dump=$(ls -t "$RUN"/callgrind.out.* | head -1)
-echo "$requests requests with status 200 in ${MEASURE}s ($URL_PATH, $NKEYS keys, $LIMITS limits)"
+what="$LIMITS limits"; [ -n "$FLOOR" ] && what="the proxy floor"
+echo "$requests requests with status 200 in ${MEASURE}s ($URL_PATH, $NKEYS keys, $what)"
 callgrind_annotate --inclusive=yes --threshold=100 "$dump" 2>/dev/null |
-  grep -v '=>' | grep -E '^ *[0-9,]+ ' | grep -E 'PROGRAM TOTALS|keyward_(server|core)::' |
+  grep -v '=>' | grep -E '^ *[0-9,]+ ' | grep -E 'PROGRAM TOTALS|keyward_(server|core)::|proxy_floor::' |
   awk -v n="$requests" '{c = $1; gsub(",", "", c); $1 = ""; $2 = ""; sub(/^ +/, ""); sub(/ \[.*$/, ""); sub(/^[^:]*:/, ""); if (!seen[$0]++) printf "%8.0f  %s\n", c / n, $0}' |
   head -"${TOP:-25}"
 echo "instructions per request, inclusive; callgrind data: $dump"
