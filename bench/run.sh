@@ -3,8 +3,9 @@
 #   a. the upstream alone (nginx `return 200`, 1 worker): the ceiling
 #   b. keyward proxy mode, keys drawn from 10,000, limits too high to trigger
 #   j. the same with `tokens.identity_token = false`: the upstream gets the plain identity
-#      headers but no signed token, which is exactly the job c and d do (b against j is what
-#      the token costs, j against c the comparison of like with like)
+#      headers but no signed token, the nearest keyward comes to the job of c and d (which
+#      pass the key id alone; j still adds the other ids, scopes, X-Request-Id and
+#      X-Forwarded-*): b against j is what the token costs
 #   c. nginx doing the same job (map of keys, per-key limit_req, proxy_pass, JSON 401/429)
 #   d. HAProxy doing the same (map, stick-table, http-request return)
 #   e. keyward forward-auth GET /v1/auth (compare with a: nginx's static return 200)
