@@ -62,25 +62,20 @@ fi
 extra=""
 [ "$URL_PATH" = /v1/auth ] && extra="X-Forwarded-Uri: /bench/x"
 load() { KEYS_FILE="$RUN/keys.txt" EXTRA_HEADER="$extra" wrk -t1 -c8 -d"$1"s -s bench/keys.lua "http://127.0.0.1:19001$URL_PATH" > "$RUN/wrk.txt"; }
-# keyward's own count of 200s; the floor has no metrics, and every answer of its is the
-# upstream's 200 (wrk's count of the measured window, checked for non-2xx).
-served() {
-  if [ -n "$FLOOR" ]; then
-    ! grep -q Non-2xx "$RUN/wrk.txt" || { echo "the floor answered non-2xx" >&2; exit 1; }
-    awk '/ requests in / {print $1}' "$RUN/wrk.txt"
-  else
-    curl -s 127.0.0.1:19011/metrics | awk '/^keyward_requests_total\{/ && /status="200"/ {s += $2} END {print s + 0}'
-  fi
-}
+served() { curl -s 127.0.0.1:19011/metrics | awk '/^keyward_requests_total\{/ && /status="200"/ {s += $2} END {print s + 0}'; }
 load "$WARM"
 callgrind_control -z > /dev/null
-before=$(served)
+[ -n "$FLOOR" ] || before=$(served)
 load "$MEASURE"
-after=$(served)
-[ -n "$FLOOR" ] && before=0
+if [ -n "$FLOOR" ]; then
+  # The floor has no metrics: wrk's count of the window, all of them the upstream's 200s.
+  ! grep -q Non-2xx "$RUN/wrk.txt" || { echo "the floor answered non-2xx" >&2; exit 1; }
+  requests=$(awk '/ requests in / {print $1}' "$RUN/wrk.txt")
+else
+  requests=$(($(served) - before))
+fi
 callgrind_control -d > /dev/null
 sleep 1
-requests=$((after - before))
 dump=$(ls -t "$RUN"/callgrind.out.* | head -1)
 what="$LIMITS limits"; [ -n "$FLOOR" ] && what="the proxy floor"
 echo "$requests requests with status 200 in ${MEASURE}s ($URL_PATH, $NKEYS keys, $what)"
