@@ -8,6 +8,11 @@
 #      X-Forwarded-*): b against j is what the token costs
 #   c. nginx doing the same job (map of keys, per-key limit_req, proxy_pass, JSON 401/429)
 #   d. HAProxy doing the same (map, stick-table, http-request return)
+#   k. nginx doing keyward's whole job as far as nginx can (bench/nginx-fulljob.conf: c plus
+#      the organisation's two limits, every identity header keyward sends incl. the token from
+#      a map, X-Forwarded-*, a request id both ways, X-RateLimit-* on the answer): b against k
+#      compares like with like; c is the issue's setup and stays the ratios' base
+#   l. HAProxy likewise (bench/haproxy-fulljob.cfg)
 #   e. keyward forward-auth GET /v1/auth (compare with a: nginx's static return 200)
 #   f. keyward proxy mode with the Redis rate-limit backend
 #   g. keyward proxy mode on PostgreSQL storage (memory limits)
@@ -36,7 +41,7 @@ ROUNDS=${ROUNDS:-3}
 CONNECTIONS=${CONNECTIONS:-64}
 THREADS=${THREADS:-2}
 NKEYS=${NKEYS:-10000}
-SCENARIOS=${SCENARIOS:-a b j c d e f g h i}   # a subset measures faster; c is the ratios' base
+SCENARIOS=${SCENARIOS:-a b j c d k l e f g h i}   # a subset measures faster; c is the ratios' base
 
 . bench/common.sh
 install_missing wrk:wrk nginx:nginx-light haproxy:haproxy redis-server:redis-server
@@ -61,6 +66,12 @@ sed "s#__RUN__#$RUN#g" bench/nginx-keyauth.conf > "$RUN/keyauth.conf"
 nginx -c "$RUN/keyauth.conf" -p "$RUN" & pids+=($!); keyauth_master=$!
 sed "s#__RUN__#$RUN#g" bench/haproxy.cfg > "$RUN/haproxy.cfg"
 haproxy -f "$RUN/haproxy.cfg" -db > "$RUN/haproxy.log" 2>&1 & pids+=($!); haproxy_pid=$!
+# Each key's identity as keyward sends it, for k and l to send from their maps.
+python3 bench/identity_maps.py 127.0.0.1:19001 "$RUN/keys.txt" "$RUN"
+sed "s#__RUN__#$RUN#g" bench/nginx-fulljob.conf > "$RUN/fulljob.conf"
+nginx -c "$RUN/fulljob.conf" -p "$RUN" & pids+=($!); fulljob_master=$!
+sed "s#__RUN__#$RUN#g" bench/haproxy-fulljob.cfg > "$RUN/haproxy-fulljob.cfg"
+haproxy -f "$RUN/haproxy-fulljob.cfg" -db > "$RUN/haproxy-fulljob.log" 2>&1 & pids+=($!); haproxy_fulljob_pid=$!
 redis-server --port 19005 --bind 127.0.0.1 --save "" --appendonly no > /dev/null & pids+=($!); redis_pid=$!
 keyward_config 19004 19014 redis://127.0.0.1:19005/ > "$RUN/kw-redis/keyward.toml"
 (cd "$RUN/kw-redis" && exec "$BIN" serve > out.log 2> err.log) & pids+=($!); kw_redis_pid=$!
@@ -76,7 +87,7 @@ mkdir -p "$RUN/kw-plain"
 (cd "$RUN/kw-plain" && exec "$BIN" serve > out.log 2> err.log) & pids+=($!); kw_plain_pid=$!
 "$FLOOR_BIN" 19007 & pids+=($!); floor_pid=$!
 "$PROXY_FLOOR_BIN" 19008 127.0.0.1:19000 & pids+=($!); proxy_floor_pid=$!
-wait_port 19002; wait_port 19003; wait_port 19004; wait_port 19006; wait_port 19007; wait_port 19008; wait_port 19009
+wait_port 19002; wait_port 19003; wait_port 19010; wait_port 19013; wait_port 19004; wait_port 19006; wait_port 19007; wait_port 19008; wait_port 19009
 PG_ADMIN=$(grep -E '^kw_' "$RUN/kw-pg/err.log")
 python3 bench/make_keys.py 127.0.0.1:19006 "$PG_ADMIN" "$NKEYS" "$RUN/keys-pg.txt"
 
@@ -91,6 +102,8 @@ declare -A URL=(
   [h]="http://127.0.0.1:19007/v1/auth"
   [i]="http://127.0.0.1:19008/x"
   [j]="http://127.0.0.1:19009/bench/x"
+  [k]="http://127.0.0.1:19010/x"
+  [l]="http://127.0.0.1:19013/x"
 )
 declare -A NAME=(
   [a]="upstream alone (nginx return 200, 1 worker)"
@@ -103,13 +116,15 @@ declare -A NAME=(
   [h]="HTTP floor (keyward's stack, fixed forward-auth answer)"
   [i]="proxy floor (keyward's stack forwarding, no domain work)"
   [j]="keyward proxy, memory limits, no identity token"
+  [k]="nginx doing keyward's whole job (+ org limits, identity headers, request id, X-RateLimit-*)"
+  [l]="HAProxy doing keyward's whole job (likewise)"
 )
 
 # Every scenario must authenticate for real before it is measured.
 # (h answers 200 to anything and i forwards anything with a credential: they are floors, not
 # gateways.)
 key=$(head -1 "$RUN/keys.txt")
-for s in b c d e f g j; do
+for s in b c d e f g j k l; do
   k=$key
   [ "$s" = g ] && k=$(head -1 "$RUN/keys-pg.txt")
   ok=$(curl -s -o /dev/null -w '%{http_code}' -H "X-Forwarded-Uri: /bench/x" -H "Authorization: Bearer $k" "${URL[$s]}")
@@ -119,7 +134,7 @@ done
 # Every proxy tells the upstream which key called (keyward's X-Keyward-Key-Id; nginx's and
 # HAProxy's setups set the same header from their maps), or the comparison is not of one job.
 key_id=$(head -1 "$RUN/keys.txt.ids")
-for s in b c d f j; do
+for s in b c d f j k l; do
   caller=$(curl -s -H "Authorization: Bearer $key" "${URL[$s]%/x}/caller")
   [ "$caller" = "$key_id" ] || { echo "scenario $s: the upstream saw key id '$caller', not $key_id" >&2; exit 1; }
 done
@@ -128,6 +143,18 @@ token=$(curl -s -H "Authorization: Bearer $key" "${URL[b]%/x}/identity")
 [ "$(tr -cd . <<< "$token")" = .. ] || { echo "scenario b: the upstream got no identity token" >&2; exit 1; }
 token=$(curl -s -H "Authorization: Bearer $key" "${URL[j]%/x}/identity")
 [ -z "$token" ] || { echo "scenario j: the upstream got an identity token" >&2; exit 1; }
+# k and l send the whole identity (the token among it), and answer with the rate-limit
+# headers and a request id as keyward does, or they would not be doing its whole job.
+for s in k l; do
+  token=$(curl -s -H "Authorization: Bearer $key" "${URL[$s]%/x}/identity")
+  [ "$(tr -cd . <<< "$token")" = .. ] || { echo "scenario $s: the upstream got no identity token" >&2; exit 1; }
+done
+for s in b k l; do
+  answer=$(curl -s -D - -o /dev/null -H "Authorization: Bearer $key" "${URL[$s]}" | tr -d '\r' | tr 'A-Z' 'a-z')
+  for h in x-ratelimit-limit x-ratelimit-remaining x-ratelimit-reset x-request-id; do
+    grep -q "^$h: ." <<< "$answer" || { echo "scenario $s: the answer has no $h header" >&2; exit 1; }
+  done
+done
 # The proxy floor must reach the upstream (a 502 floor would measure nothing): 200 with a
 # credential, 401 without.
 ok=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $key" "${URL[i]}")
@@ -143,6 +170,8 @@ declare -A GATEWAY=(
   [j]="$kw_plain_pid"
   [c]="$(pgrep -P "$keyauth_master" | xargs)"
   [d]="$haproxy_pid"
+  [k]="$(pgrep -P "$fulljob_master" | xargs)"
+  [l]="$haproxy_fulljob_pid"
   [f]="$kw_redis_pid"
   [g]="$kw_pg_pid"
   [h]="$floor_pid"
@@ -256,6 +285,14 @@ for s in $SCENARIOS; do
   ratio=$(round_ratios "${RESULTS[$s]}" "${RESULTS[c]:-}")
   [ -n "${RATE:-}" ] && ratio=$(echo "${RESULTS[$s]}" | median 11)
   printf "| %s. %s | %.0f | %.2f | %.2f | %s | %s | %s | %s |\n" "$s" "${NAME[$s]}" "$rps" "$p50" "$p99" "$ratio" "$bad" "$cpu" "$upstream_cpu"
+done
+# Like with like: keyward's proxy against nginx and HAProxy doing its whole job, per round.
+for pair in "b k" "b l" "j k"; do
+  set -- $pair
+  if [ -n "${RESULTS[$1]:-}" ] && [ -n "${RESULTS[$2]:-}" ] && [ -z "${RATE:-}" ]; then
+    [ "$pair" = "b k" ] && echo
+    echo "$1 × $2 (median, per round): $(round_ratios "${RESULTS[$1]}" "${RESULTS[$2]}")"
+  fi
 done
 if [[ " $SCENARIOS " == *" f "* ]]; then
   # What the limit windows of every f round hold in Redis (the hour window keeps them all).
