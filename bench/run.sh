@@ -143,11 +143,19 @@ token=$(curl -s -H "Authorization: Bearer $key" "${URL[b]%/x}/identity")
 [ "$(tr -cd . <<< "$token")" = .. ] || { echo "scenario b: the upstream got no identity token" >&2; exit 1; }
 token=$(curl -s -H "Authorization: Bearer $key" "${URL[j]%/x}/identity")
 [ -z "$token" ] || { echo "scenario j: the upstream got an identity token" >&2; exit 1; }
-# k and l send the whole identity (the token among it), and answer with the rate-limit
-# headers and a request id as keyward does, or they would not be doing its whole job.
+# k and l send the whole identity keyward sends (org, project, scopes and a token), replace
+# what a client sent under those names, and answer with the rate-limit headers and a request
+# id as keyward does, or they would not be doing its whole job.
+identity=$(curl -s -H "Authorization: Bearer $key" "${URL[b]%/x}/whoami")
 for s in k l; do
-  token=$(curl -s -H "Authorization: Bearer $key" "${URL[$s]%/x}/identity")
-  [ "$(tr -cd . <<< "$token")" = .. ] || { echo "scenario $s: the upstream got no identity token" >&2; exit 1; }
+  seen=$(curl -s -H "Authorization: Bearer $key" "${URL[$s]%/x}/whoami")
+  [ "${seen%|*}" = "${identity%|*}" ] || { echo "scenario $s: the upstream saw '${seen%|*}', keyward sends '${identity%|*}'" >&2; exit 1; }
+  [ "$(tr -cd . <<< "${seen##*|}")" = .. ] || { echo "scenario $s: the upstream got no identity token" >&2; exit 1; }
+done
+for s in b k l; do
+  seen=$(curl -s -H "Authorization: Bearer $key" -H "X-Keyward-Org-Id: evil" -H "X-Keyward-User-Id: evil" \
+    -H "X-Keyward-Proxy-Auth: evil" "${URL[$s]%/x}/spoof")
+  [ "$seen" = "${identity%%|*}||" ] || { echo "scenario $s: a client-sent identity reached the upstream ('$seen')" >&2; exit 1; }
 done
 for s in b k l; do
   answer=$(curl -s -D - -o /dev/null -H "Authorization: Bearer $key" "${URL[$s]}" | tr -d '\r' | tr 'A-Z' 'a-z')
@@ -286,7 +294,8 @@ for s in $SCENARIOS; do
   [ -n "${RATE:-}" ] && ratio=$(echo "${RESULTS[$s]}" | median 11)
   printf "| %s. %s | %.0f | %.2f | %.2f | %s | %s | %s | %s |\n" "$s" "${NAME[$s]}" "$rps" "$p50" "$p99" "$ratio" "$bad" "$cpu" "$upstream_cpu"
 done
-# Like with like: keyward's proxy against nginx and HAProxy doing its whole job, per round.
+# Like with like: keyward's proxy against nginx and HAProxy doing its whole job, per round
+# (and j × k: keyward without the token against nginx sending one).
 for pair in "b k" "b l" "j k"; do
   set -- $pair
   if [ -n "${RESULTS[$1]:-}" ] && [ -n "${RESULTS[$2]:-}" ] && [ -z "${RATE:-}" ]; then
