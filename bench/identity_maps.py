@@ -23,11 +23,12 @@ with open(keys_file) as keys, open(keys_file + ".ids") as ids:
         reply = conn.getresponse()
         values = reply.read().decode().split("|")
         if reply.status != 200 or len(values) != len(fields) or not all(values):
-            sys.exit(f"whoami failed: {reply.status} {values}")
+            # The fields only by count: the answer holds a signed token.
+            sys.exit(f"whoami failed: HTTP {reply.status}, {sum(map(bool, values))} of {len(fields)} fields")
         for field, value in zip(fields, values):
             # Characters the map files would have to quote or escape (nginx expands `$`).
             if any(c in value for c in '"\\;|$\n '):
-                sys.exit(f"{field} value needs quoting the maps do not do: {value!r}")
+                sys.exit(f"the {field} value needs quoting the maps do not do")
             nginx[field].write(f'{key_id} "{value}";\n')
         haproxy.write(f"{key} {key_id}|{'|'.join(values)}\n")
 for f in (*nginx.values(), haproxy):
