@@ -10,8 +10,10 @@
 # Usage: bench/callgrind.sh   (NKEYS=500 WARM=20 MEASURE=20 URL_PATH=/bench/x to change;
 #        URL_PATH=/v1/auth counts forward-auth; LIMITS=redis uses the Redis backend, on a
 #        redis-server of its own; FLOOR=1 counts the proxy floor, examples/proxy_floor.rs,
-#        instead: what keyward's proxy counts above it is its domain work). Installs valgrind,
-#        wrk, nginx and redis-server when missing.
+#        instead: what keyward's proxy counts above it is its domain work; NGINX=keyauth or
+#        NGINX=fulljob counts nginx doing scenario c's or k's job of bench/run.sh, one worker
+#        under callgrind, with a keyward beside it, not under valgrind, for the keys and the
+#        identity maps). Installs valgrind, wrk, nginx and redis-server when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NKEYS=${NKEYS:-500}
@@ -20,6 +22,7 @@ MEASURE=${MEASURE:-20}
 URL_PATH=${URL_PATH:-/bench/x}
 LIMITS=${LIMITS:-memory}
 FLOOR=${FLOOR:-}
+NGINX=${NGINX:-}
 
 . bench/common.sh
 install_missing valgrind:valgrind wrk:wrk nginx:nginx-light
@@ -42,7 +45,21 @@ if [ "$LIMITS" = redis ]; then
   wait_port 19015
   redis_url=redis://127.0.0.1:19015/
 fi
-if [ -n "$FLOOR" ]; then
+if [ -n "$NGINX" ]; then
+  # keyward (natively) makes the keys, and says what identity each has for k's maps.
+  keyward_config 19021 19031 > "$RUN/kw/keyward.toml"
+  (cd "$RUN/kw" && exec "$BIN" serve > out.log 2> err.log) & pids+=($!)
+  wait_port 19021
+  python3 bench/make_keys.py 127.0.0.1:19021 "$(grep -E '^kw_' "$RUN/kw/err.log")" "$NKEYS" "$RUN/keys.txt"
+  paste -d' ' "$RUN/keys.txt" "$RUN/keys.txt.ids" | awk '{print "\"Bearer " $1 "\" " $2 ";"}' > "$RUN/nginx-keys.map"
+  python3 bench/identity_maps.py 127.0.0.1:19021 "$RUN/keys.txt" "$RUN"
+  # One worker, no master: the process valgrind runs is the one that serves.
+  sed -e "s#__RUN__#$RUN#g" -e 's#^worker_processes .*#worker_processes 1;\nmaster_process off;#' \
+      -e 's#listen 127.0.0.1:[0-9]*#listen 127.0.0.1:19001#' "bench/nginx-$NGINX.conf" > "$RUN/nginx.conf"
+  valgrind --tool=callgrind --callgrind-out-file="$RUN/callgrind.out" \
+    nginx -c "$RUN/nginx.conf" -p "$RUN" > "$RUN/nginx.log" 2>&1 & pids+=($!)
+  for _ in $(seq 1 600); do (echo >/dev/tcp/127.0.0.1/19001) 2>/dev/null && break; sleep 0.1; done
+elif [ -n "$FLOOR" ]; then
   # The floor forwards anything that carries a credential: random ones of keyward's length.
   python3 -c 'import secrets, sys
 for _ in range(int(sys.argv[1])): print("kw_live_" + secrets.token_urlsafe(30))' "$NKEYS" > "$RUN/keys.txt"
@@ -65,11 +82,11 @@ load() { KEYS_FILE="$RUN/keys.txt" EXTRA_HEADER="$extra" wrk -t1 -c8 -d"$1"s -s 
 served() { curl -s 127.0.0.1:19011/metrics | awk '/^keyward_requests_total\{/ && /status="200"/ {s += $2} END {print s + 0}'; }
 load "$WARM"
 callgrind_control -z > /dev/null
-[ -n "$FLOOR" ] || before=$(served)
+[ -n "$FLOOR$NGINX" ] || before=$(served)
 load "$MEASURE"
-if [ -n "$FLOOR" ]; then
-  # The floor has no metrics: wrk's count of the window, all of them the upstream's 200s.
-  ! grep -q Non-2xx "$RUN/wrk.txt" || { echo "the floor answered non-2xx" >&2; exit 1; }
+if [ -n "$FLOOR$NGINX" ]; then
+  # The floor and nginx have no metrics: wrk's count of the window, all of them 200s.
+  ! grep -q Non-2xx "$RUN/wrk.txt" || { echo "non-2xx answers in the window" >&2; exit 1; }
   requests=$(awk '/ requests in / {print $1}' "$RUN/wrk.txt")
 else
   requests=$(($(served) - before))
@@ -77,10 +94,10 @@ fi
 callgrind_control -d > /dev/null
 sleep 1
 dump=$(ls -t "$RUN"/callgrind.out.* | head -1)
-what="$LIMITS limits"; [ -n "$FLOOR" ] && what="the proxy floor"
+what="$LIMITS limits"; [ -n "$FLOOR" ] && what="the proxy floor"; [ -n "$NGINX" ] && what="nginx-$NGINX"
 echo "$requests requests with status 200 in ${MEASURE}s ($URL_PATH, $NKEYS keys, $what)"
 callgrind_annotate --inclusive=yes --threshold=100 "$dump" 2>/dev/null |
-  grep -v '=>' | grep -E '^ *[0-9,]+ ' | grep -E 'PROGRAM TOTALS|keyward_(server|core)::|proxy_floor::' |
+  grep -v '=>' | grep -E '^ *[0-9,]+ ' | grep -E 'PROGRAM TOTALS|keyward_(server|core)::|proxy_floor::|ngx_' |
   awk -v n="$requests" '{c = $1; gsub(",", "", c); $1 = ""; $2 = ""; sub(/^ +/, ""); sub(/ \[.*$/, ""); sub(/^[^:]*:/, ""); if (!seen[$0]++) printf "%8.0f  %s\n", c / n, $0}' |
   head -"${TOP:-25}"
 echo "instructions per request, inclusive; callgrind data: $dump"
