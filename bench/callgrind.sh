@@ -23,6 +23,7 @@ URL_PATH=${URL_PATH:-/bench/x}
 LIMITS=${LIMITS:-memory}
 FLOOR=${FLOOR:-}
 NGINX=${NGINX:-}
+case "$NGINX" in ""|keyauth|fulljob) ;; *) echo "NGINX is keyauth or fulljob, not '$NGINX'" >&2; exit 2;; esac
 
 . bench/common.sh
 install_missing valgrind:valgrind wrk:wrk nginx:nginx-light
@@ -51,8 +52,7 @@ if [ -n "$NGINX" ]; then
   (cd "$RUN/kw" && exec "$BIN" serve > out.log 2> err.log) & pids+=($!)
   wait_port 19021
   python3 bench/make_keys.py 127.0.0.1:19021 "$(grep -E '^kw_' "$RUN/kw/err.log")" "$NKEYS" "$RUN/keys.txt"
-  paste -d' ' "$RUN/keys.txt" "$RUN/keys.txt.ids" | awk '{print "\"Bearer " $1 "\" " $2 ";"}' > "$RUN/nginx-keys.map"
-  python3 bench/identity_maps.py 127.0.0.1:19021 "$RUN/keys.txt" "$RUN"
+  gateway_maps 127.0.0.1:19021
   # One worker, no master: the process valgrind runs is the one that serves.
   sed -e "s#__RUN__#$RUN#g" -e 's#^worker_processes .*#worker_processes 1;\nmaster_process off;#' \
       -e 's#listen 127.0.0.1:[0-9]*#listen 127.0.0.1:19001#' "bench/nginx-$NGINX.conf" > "$RUN/nginx.conf"

@@ -60,6 +60,14 @@ keyward_binary() { # BIN: the saved build BENCH_BIN names (an A/B), or a fresh r
   fi
 }
 
+gateway_maps() { # keyward's HOST:PORT → the maps the nginx and HAProxy setups read, in $RUN
+  # Key → key id: the upstream learns who called, as keyward's X-Keyward-Key-Id tells it.
+  paste -d' ' "$RUN/keys.txt" "$RUN/keys.txt.ids" | awk '{print "\"Bearer " $1 "\" " $2 ";"}' > "$RUN/nginx-keys.map"
+  paste -d' ' "$RUN/keys.txt" "$RUN/keys.txt.ids" > "$RUN/haproxy-keys.map"
+  # Each key's identity as keyward sends it, for the whole-job setups (k, l).
+  python3 bench/identity_maps.py "$1" "$RUN/keys.txt" "$RUN"
+}
+
 start_keyward_with_keys() { # N → keyward (memory limits) on 19001 with N keys in $RUN/keys.txt; its pid in kw
   mkdir -p "$RUN/kw"
   keyward_config 19001 19011 > "$RUN/kw/keyward.toml"

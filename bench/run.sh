@@ -58,16 +58,12 @@ start_upstream
 start_keyward_with_keys "$NKEYS"
 kw_pid=$kw
 mkdir -p "$RUN/kw-redis"
-# Key → key id: the upstream learns who called, as keyward's X-Keyward-Key-Id tells it.
-paste -d' ' "$RUN/keys.txt" "$RUN/keys.txt.ids" | awk '{print "\"Bearer " $1 "\" " $2 ";"}' > "$RUN/nginx-keys.map"
-paste -d' ' "$RUN/keys.txt" "$RUN/keys.txt.ids" > "$RUN/haproxy-keys.map"
+gateway_maps 127.0.0.1:19001
 
 sed "s#__RUN__#$RUN#g" bench/nginx-keyauth.conf > "$RUN/keyauth.conf"
 nginx -c "$RUN/keyauth.conf" -p "$RUN" & pids+=($!); keyauth_master=$!
 sed "s#__RUN__#$RUN#g" bench/haproxy.cfg > "$RUN/haproxy.cfg"
 haproxy -f "$RUN/haproxy.cfg" -db > "$RUN/haproxy.log" 2>&1 & pids+=($!); haproxy_pid=$!
-# Each key's identity as keyward sends it, for k and l to send from their maps.
-python3 bench/identity_maps.py 127.0.0.1:19001 "$RUN/keys.txt" "$RUN"
 sed "s#__RUN__#$RUN#g" bench/nginx-fulljob.conf > "$RUN/fulljob.conf"
 nginx -c "$RUN/fulljob.conf" -p "$RUN" & pids+=($!); fulljob_master=$!
 sed "s#__RUN__#$RUN#g" bench/haproxy-fulljob.cfg > "$RUN/haproxy-fulljob.cfg"
