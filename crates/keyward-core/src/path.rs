@@ -63,17 +63,22 @@ fn is_normal(path: &str) -> bool {
     if !rest.bytes().all(printable) {
         return false;
     }
-    let mut segments = rest.split('/').peekable();
+    // Split as bytes: a short path costs less than setting up a `char` searcher.
+    let mut segments = segments_of(rest).peekable();
     while let Some(segment) = segments.next() {
         let last = segments.peek().is_none();
         match segment {
-            "." | ".." => return false,
+            b"." | b".." => return false,
             // Only the last segment may be empty: a trailing slash.
-            "" if !last => return false,
+            b"" if !last => return false,
             _ => {}
         }
     }
     true
+}
+
+fn segments_of(path: &str) -> std::slice::Split<'_, u8, impl FnMut(&u8) -> bool> {
+    path.as_bytes().split(|&b| b == b'/')
 }
 
 /// Normalises the path part of a request target (no query); borrows a path that is normal
@@ -159,20 +164,24 @@ fn normalize_slowly(path: &str) -> Result<String, PathError> {
 }
 
 /// The form a segment is compared in: ASCII lower case, trailing dots removed.
-fn match_form(segment: &str) -> &str {
-    segment.trim_end_matches('.')
+fn match_form(segment: &[u8]) -> &[u8] {
+    let kept = segment
+        .iter()
+        .rposition(|&b| b != b'.')
+        .map_or(0, |i| i + 1);
+    &segment[..kept]
 }
 
 /// True when `route_prefix` (e.g. `/v1/chat/`) covers the normalised `path` segment-wise.
 pub fn prefix_matches(route_prefix: &str, path: &str) -> bool {
-    let mut path_segments = path.split('/').filter(|s| !s.is_empty());
-    for want in route_prefix.split('/').filter(|s| !s.is_empty()) {
-        match path_segments.next() {
-            Some(have) if match_form(have).eq_ignore_ascii_case(match_form(want)) => {}
-            _ => return false,
-        }
-    }
-    true
+    let mut path_segments = segments_of(path).filter(|s| !s.is_empty());
+    segments_of(route_prefix)
+        .filter(|s| !s.is_empty())
+        .all(|want| {
+            path_segments
+                .next()
+                .is_some_and(|have| match_form(have).eq_ignore_ascii_case(match_form(want)))
+        })
 }
 
 /// Number of segments in a route prefix: the longest match wins.
@@ -180,10 +189,9 @@ pub fn specificity(route_prefix: &str) -> usize {
     route_prefix.split('/').filter(|s| !s.is_empty()).count()
 }
 
-/// The path with the first `specificity(route_prefix)` segments removed, for `strip_prefix`:
-/// a suffix of the (normalised) `path`, or `/` when nothing is left.
-pub fn strip<'a>(route_prefix: &str, path: &'a str) -> &'a str {
-    let skip = specificity(route_prefix);
+/// The path with its first `skip` segments removed (a route prefix's [`specificity`]), for
+/// `strip_prefix`: a suffix of the (normalised) `path`, or `/` when nothing is left.
+pub fn strip(skip: usize, path: &str) -> &str {
     // A normalised path has no empty segment but a trailing one: the rest starts at the
     // slash before segment `skip + 1`.
     let mut slashes = path.bytes().enumerate().filter(|&(_, b)| b == b'/');
@@ -243,14 +251,14 @@ mod tests {
 
     #[test]
     fn stripping() {
-        assert_eq!(strip("/echo/", "/echo/a/b"), "/a/b");
-        assert_eq!(strip("/echo/", "/echo"), "/");
-        assert_eq!(strip("/echo/", "/echo/"), "/");
-        assert_eq!(strip("/echo/", "/echo/a/"), "/a/");
-        assert_eq!(strip("/", "/a/b"), "/a/b");
-        assert_eq!(strip("/", "/"), "/");
+        assert_eq!(strip(specificity("/echo/"), "/echo/a/b"), "/a/b");
+        assert_eq!(strip(specificity("/echo/"), "/echo"), "/");
+        assert_eq!(strip(specificity("/echo/"), "/echo/"), "/");
+        assert_eq!(strip(specificity("/echo/"), "/echo/a/"), "/a/");
+        assert_eq!(strip(specificity("/"), "/a/b"), "/a/b");
+        assert_eq!(strip(specificity("/"), "/"), "/");
         assert_eq!(
-            strip("/v1/chat/", "/v1/chat/completions/x"),
+            strip(specificity("/v1/chat/"), "/v1/chat/completions/x"),
             "/completions/x"
         );
     }
@@ -294,7 +302,7 @@ mod tests {
             if path.ends_with('/') && !rest.is_empty() {
                 want.push('/');
             }
-            proptest::prop_assert_eq!(strip(&prefix, &path), want.as_str());
+            proptest::prop_assert_eq!(strip(specificity(&prefix), &path), want.as_str());
         }
     }
 }

@@ -6,15 +6,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, Request, State};
+use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
 use keyward_core::ErrorCode;
-use keyward_core::ids::RequestId;
 use keyward_core::path;
 
 use crate::auth::{admit, authenticate_on};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::client_ip;
-use crate::middleware::Passthrough;
+use crate::middleware::{Passthrough, RequestIdHeader};
 use crate::proxy::{self, ClientConn, Forward};
 use crate::routes::Route;
 use crate::state::AppState;
@@ -49,7 +49,10 @@ pub async fn handle(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     req: Request,
 ) -> Response {
-    let request_id = req.extensions().get::<RequestId>().cloned();
+    let request_id = req
+        .extensions()
+        .get::<RequestIdHeader>()
+        .map(|id| id.0.clone());
     let client = ClientConn::pooled(peer, &state);
     let (mut response, route) = route_and_forward(&state, &client, req, request_id.as_ref()).await;
     let extensions = response.extensions_mut();
@@ -68,7 +71,7 @@ pub async fn route_and_forward<'s>(
     state: &'s AppState,
     client: &ClientConn,
     req: Request,
-    request_id: Option<&RequestId>,
+    request_id: Option<&HeaderValue>,
 ) -> (Response, Option<&'s Route>) {
     // The request moves on to the upstream; its path (a shared buffer) stays readable here.
     let uri = req.uri().clone();
@@ -95,7 +98,7 @@ async fn decide_and_forward(
     req: Request,
     route: &Route,
     path: &str,
-    request_id: Option<&RequestId>,
+    request_id: Option<&HeaderValue>,
 ) -> ApiResult<Response> {
     let ip = client_ip(
         client.peer.ip(),
@@ -113,7 +116,7 @@ async fn decide_and_forward(
     .await?;
     let admission = admit(state, &principal, route.cost).await?;
     let upstream_path = if route.strip_prefix {
-        path::strip(&route.prefix, path)
+        path::strip(route.segments, path)
     } else {
         path
     };

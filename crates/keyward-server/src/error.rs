@@ -11,7 +11,6 @@ use std::collections::HashMap;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use keyward_core::ErrorCode;
-use keyward_core::ids::RequestId;
 use keyward_store::StoreError;
 use serde::Serialize;
 
@@ -174,7 +173,7 @@ impl ErrorRenderer {
         }
     }
 
-    pub fn body(&self, error: &ApiError, request_id: &RequestId) -> String {
+    pub fn body(&self, error: &ApiError, request_id: &str) -> String {
         let o = self.overrides.get(&error.code);
         let code = o
             .and_then(|o| o.code.as_deref())
@@ -183,7 +182,6 @@ impl ErrorRenderer {
             .and_then(|o| o.message.as_deref())
             .unwrap_or(error.message());
         let param = error.param.as_deref();
-        let request_id = request_id.as_str();
         let body = match self.style {
             ErrorStyle::Nested => serde_json::to_string(&NestedEnvelope {
                 error: NestedError {
@@ -210,7 +208,7 @@ impl ErrorRenderer {
         })
     }
 
-    pub fn render(&self, error: &ApiError, request_id: &RequestId) -> Response {
+    pub fn render(&self, error: &ApiError, request_id: &str) -> Response {
         let body = self.body(error, request_id);
         let mut response = (error.status(), body).into_response();
         let headers = response.headers_mut();

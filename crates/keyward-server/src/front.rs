@@ -105,7 +105,7 @@ impl Front {
             Lane::Gateway => {
                 let context = RequestContext::begin(req.method(), req.uri());
                 let (response, route) =
-                    route_and_forward(&self.state, client, req, Some(&context.request_id)).await;
+                    route_and_forward(&self.state, client, req, Some(context.request_id())).await;
                 context.finish_routed(&self.state, response, route.map(|r| &*r.name))
             }
         }

@@ -10,6 +10,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::time::Instant;
 
+use axum::body::Bytes;
 use axum::extract::{Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, Uri};
 use axum::middleware::Next;
@@ -28,10 +29,17 @@ const OWN_ROUTE: &str = "keyward";
 #[derive(Debug, Clone, Copy)]
 pub struct Passthrough;
 
+/// A request's id as the `X-Request-Id` value, for requests that keyward's own stack serves
+/// (an extension the gateway's fallback reads).
+#[derive(Debug, Clone)]
+pub struct RequestIdHeader(pub HeaderValue);
+
 /// What a request's answer needs to know about its start.
 pub struct RequestContext {
     started: Instant,
-    pub request_id: RequestId,
+    /// The request id as the header value that the upstream and the answer both carry: made
+    /// once, in the id's own allocation. Its text is read back only for errors and log lines.
+    request_id: HeaderValue,
     /// Kept for the access log only when it is written.
     logged: Option<(Method, Uri)>,
 }
@@ -39,11 +47,22 @@ pub struct RequestContext {
 impl RequestContext {
     pub fn begin(method: &Method, uri: &Uri) -> Self {
         let logged = tracing::enabled!(tracing::Level::INFO).then(|| (method.clone(), uri.clone()));
+        let id = Bytes::from(RequestId::generate().into_string());
         Self {
             started: Instant::now(),
-            request_id: RequestId::generate(),
+            // A ULID's characters are all valid in a header value.
+            request_id: HeaderValue::from_maybe_shared(id)
+                .unwrap_or_else(|_| HeaderValue::from_static("req_")),
             logged,
         }
+    }
+
+    pub fn request_id(&self) -> &HeaderValue {
+        &self.request_id
+    }
+
+    fn request_id_text(&self) -> &str {
+        self.request_id.to_str().unwrap_or_default()
     }
 
     /// Renders a parked error as the envelope, sets `X-Request-Id`, counts and logs. For
@@ -81,10 +100,10 @@ impl RequestContext {
         let code = error.as_ref().map_or("ok", |e| e.code.as_str());
         if let Some(error) = &error {
             if let Some(cause) = &error.cause {
-                tracing::error!(request_id = %self.request_id, code, cause = %cause, "request failed");
+                tracing::error!(request_id = self.request_id_text(), code, cause = %cause, "request failed");
             }
             let original_headers = std::mem::take(response.headers_mut());
-            response = state.errors.render(error, &self.request_id);
+            response = state.errors.render(error, self.request_id_text());
             for (name, value) in original_headers.iter() {
                 if !response.headers().contains_key(name)
                     && name != axum::http::header::CONTENT_LENGTH
@@ -93,15 +112,12 @@ impl RequestContext {
                 }
             }
         }
-        if let Ok(value) = HeaderValue::from_str(self.request_id.as_str()) {
-            response.headers_mut().insert(REQUEST_ID, value);
-        }
         let status = response.status().as_u16();
         let elapsed = self.started.elapsed();
         record_metrics(route.unwrap_or(OWN_ROUTE), status, code, elapsed);
         if let Some((method, uri)) = &self.logged {
             tracing::info!(
-                request_id = %self.request_id,
+                request_id = self.request_id_text(),
                 method = %method,
                 path = %uri.path(),
                 status,
@@ -110,6 +126,7 @@ impl RequestContext {
                 "request"
             );
         }
+        response.headers_mut().insert(REQUEST_ID, self.request_id);
         response
     }
 }
@@ -185,7 +202,8 @@ pub async fn request_context(
     next: Next,
 ) -> Response {
     let context = RequestContext::begin(req.method(), req.uri());
-    req.extensions_mut().insert(context.request_id.clone());
+    req.extensions_mut()
+        .insert(RequestIdHeader(context.request_id.clone()));
     let response = next.run(req).await;
     context.finish(&state, response)
 }

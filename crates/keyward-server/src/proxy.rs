@@ -18,7 +18,6 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use keyward_core::ErrorCode;
-use keyward_core::ids::RequestId;
 use serde_json::json;
 
 use crate::auth::{Principal, is_bearer};
@@ -51,7 +50,8 @@ thread_local! {
 }
 
 /// RFC 9110 §7.6.1's hop-by-hop fields, plus the proxy credentials meant for this hop. As
-/// `HeaderName`s, compared without turning each header's name into a string.
+/// `HeaderName`s, compared without turning each header's name into a string. `Connection`
+/// first: [`strip_hop_by_hop`] reads the names it lists.
 static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     header::TE,
@@ -64,47 +64,51 @@ static HOP_BY_HOP: [HeaderName; 9] = [
     HeaderName::from_static("proxy-connection"),
 ];
 
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(name)
+/// Bit `n` is set when a name in [`HOP_BY_HOP`] is `n` bytes long: most header names have no
+/// such length and need no comparison at all (a test keeps this in step with the list).
+const HOP_BY_HOP_LENGTHS: u32 = 1 << 2 | 1 << 7 | 1 << 10 | 1 << 16 | 1 << 17 | 1 << 18 | 1 << 19;
+
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    let len = name.as_str().len();
+    if len >= 32 || HOP_BY_HOP_LENGTHS & (1 << len) == 0 {
+        return None;
+    }
+    HOP_BY_HOP.iter().position(|h| h == name)
 }
 
 /// Removes hop-by-hop headers, including every header named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the names instead of a removal (which hashes its name) per hop-by-hop
-    // header: most requests carry none, most upstream answers only `Connection`.
-    let mut present: [Option<HeaderName>; HOP_BY_HOP.len()] = Default::default();
-    let mut found = 0;
-    for name in headers.keys().filter(|n| is_hop_by_hop(n)) {
-        if let Some(slot) = present.get_mut(found) {
-            *slot = Some(name.clone());
-            found += 1;
-        }
+    // One pass over the names, remembering which hop-by-hop ones are there (a bit each):
+    // most requests carry none, and a removal hashes its name.
+    let mut present = 0u16;
+    for i in headers.keys().filter_map(hop_by_hop_index) {
+        present |= 1 << i;
     }
-    if found == 0 {
+    if present == 0 {
         return;
     }
-    if present[..found]
-        .iter()
-        .any(|n| n.as_ref() == Some(&header::CONNECTION))
-    {
+    if present & 1 != 0 {
         // `keep-alive` and `close`, what upstreams usually list, need no lookup of their own.
-        let listed: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|name| {
-                !name.eq_ignore_ascii_case("keep-alive") && !name.eq_ignore_ascii_case("close")
-            })
-            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
-            .collect();
+        let mut listed: Vec<HeaderName> = Vec::new();
+        for value in headers.get_all(header::CONNECTION) {
+            for name in value.as_bytes().split(|&b| b == b',') {
+                let name = name.trim_ascii();
+                if name.eq_ignore_ascii_case(b"keep-alive") || name.eq_ignore_ascii_case(b"close") {
+                    continue;
+                }
+                if let Ok(name) = HeaderName::from_bytes(name) {
+                    listed.push(name);
+                }
+            }
+        }
         for name in listed {
             headers.remove(name);
         }
     }
-    for name in present.into_iter().flatten() {
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
 }
 
@@ -141,7 +145,7 @@ pub struct Forward<'a> {
     pub principal: &'a Principal,
     pub upstream_path: &'a str,
     pub client: &'a ClientConn,
-    pub request_id: Option<&'a RequestId>,
+    pub request_id: Option<&'a HeaderValue>,
 }
 
 /// What stays the same for every request of one client connection: who the peer is, the
@@ -240,21 +244,34 @@ fn prepare_headers(state: &AppState, f: &Forward<'_>, headers: &mut HeaderMap) {
         }
     }
     insert_identity(state, f.principal, headers);
-    let chain = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(existing) if f.client.peer_trusted => {
-            HeaderValue::from_str(&format!("{existing}, {}", f.client.peer_ip)).ok()
+    // One hash of the name for the lookup and the write.
+    match headers.entry(X_FORWARDED_FOR) {
+        header::Entry::Occupied(mut sent) => {
+            let chain = match sent.get().to_str() {
+                Ok(existing) if f.client.peer_trusted => {
+                    HeaderValue::from_str(&format!("{existing}, {}", f.client.peer_ip)).ok()
+                }
+                // From an untrusted peer a client-sent chain is a claim nobody vouched for.
+                _ => f.client.forwarded_for.clone(),
+            };
+            match chain {
+                Some(value) => {
+                    sent.insert(value);
+                }
+                None => {
+                    sent.remove_entry_mult();
+                }
+            }
         }
-        // From an untrusted peer a client-sent chain is a claim nobody vouched for.
-        _ => f.client.forwarded_for.clone(),
-    };
-    if let Some(value) = chain {
-        headers.insert(X_FORWARDED_FOR, value);
+        header::Entry::Vacant(slot) => {
+            if let Some(value) = f.client.forwarded_for.clone() {
+                slot.insert(value);
+            }
+        }
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-    if let Some(id) = f.request_id
-        && let Ok(value) = HeaderValue::from_str(id.as_str())
-    {
-        headers.insert(REQUEST_ID, value);
+    if let Some(id) = f.request_id {
+        headers.insert(REQUEST_ID, id.clone());
     }
 }
 
@@ -354,6 +371,7 @@ pub async fn forward(state: &AppState, f: Forward<'_>, req: Request) -> Response
         Upstream::Http {
             scheme,
             authority,
+            host,
             base_path,
         } => {
             let mut path_and_query = String::with_capacity(
@@ -375,9 +393,7 @@ pub async fn forward(state: &AppState, f: Forward<'_>, req: Request) -> Response
                         .into_response();
                 }
             };
-            if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
-                parts.headers.insert(header::HOST, host);
-            }
+            parts.headers.insert(header::HOST, host.clone());
             parts.version = Version::HTTP_11;
             let request = Request::from_parts(parts, body);
             let sent = send(f.client, request, scheme, authority);
@@ -434,6 +450,20 @@ mod tests {
             .iter()
             .map(|(n, v)| (HeaderName::from_static(n), HeaderValue::from_static(v)))
             .collect()
+    }
+
+    #[test]
+    fn every_hop_by_hop_name_has_its_length_bit() {
+        for name in &HOP_BY_HOP {
+            assert_ne!(HOP_BY_HOP_LENGTHS & (1 << name.as_str().len()), 0, "{name}");
+            assert_eq!(hop_by_hop_index(name).map(|i| &HOP_BY_HOP[i]), Some(name));
+        }
+        let lengths = HOP_BY_HOP
+            .iter()
+            .fold(0, |bits, name| bits | 1 << name.as_str().len());
+        assert_eq!(lengths, HOP_BY_HOP_LENGTHS, "no bit without a name");
+        assert_eq!(hop_by_hop_index(&header::USER_AGENT), None);
+        assert_eq!(hop_by_hop_index(&header::HOST), None);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::Uri;
+use axum::http::{HeaderValue, Uri};
 use keyward_core::path;
 
 use crate::config::{ECHO_UPSTREAM, RouteConfig};
@@ -17,6 +17,8 @@ pub enum Upstream {
     Http {
         scheme: axum::http::uri::Scheme,
         authority: axum::http::uri::Authority,
+        /// The `Host` the upstream gets, made once.
+        host: HeaderValue,
         /// Path prefix of the upstream base URL, without a trailing slash.
         base_path: String,
     },
@@ -26,6 +28,8 @@ pub enum Upstream {
 pub struct Route {
     pub name: Arc<str>,
     pub prefix: String,
+    /// Segments of the prefix: what `strip_prefix` removes, and the longest match wins.
+    pub segments: usize,
     pub upstream: Upstream,
     pub scopes: Vec<String>,
     pub cost: u32,
@@ -51,9 +55,11 @@ impl RouteTable {
                 } else {
                     let uri: Uri = c.upstream.parse().ok()?;
                     let parts = uri.into_parts();
+                    let authority = parts.authority?;
                     Upstream::Http {
                         scheme: parts.scheme?,
-                        authority: parts.authority?,
+                        host: HeaderValue::from_str(authority.as_str()).ok()?,
+                        authority,
                         base_path: parts
                             .path_and_query
                             .map(|p| p.path().trim_end_matches('/').to_owned())
@@ -63,6 +69,7 @@ impl RouteTable {
                 Some(Route {
                     name: Arc::from(c.name.as_str()),
                     prefix: c.path.clone(),
+                    segments: path::specificity(&c.path),
                     upstream,
                     scopes: c.scopes.clone(),
                     cost: c.cost,
@@ -74,7 +81,7 @@ impl RouteTable {
                 })
             })
             .collect();
-        routes.sort_by_key(|r| std::cmp::Reverse(path::specificity(&r.prefix)));
+        routes.sort_by_key(|r| std::cmp::Reverse(r.segments));
         Self { routes }
     }
 

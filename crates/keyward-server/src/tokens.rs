@@ -147,7 +147,7 @@ const VERIFIED_CAPACITY: usize = 100_000;
 pub const IDENTITY_HEADER: &str = "x-keyward-identity";
 
 /// The identity headers, in the order [`IdentityHeaders`] holds their values.
-const IDENTITY_NAMES: [HeaderName; 6] = [
+static IDENTITY_NAMES: [HeaderName; 6] = [
     HeaderName::from_static("x-keyward-org-id"),
     HeaderName::from_static("x-keyward-project-id"),
     HeaderName::from_static("x-keyward-key-id"),
