@@ -112,14 +112,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Drops every header a client could use to impersonate keyward's identity headers.
-pub fn strip_identity(headers: &mut HeaderMap) {
-    let spoofed: Vec<HeaderName> = headers
+/// Drops every header a client could use to impersonate keyward's identity headers, and the
+/// `hidden` ones (the key headers, when credentials are hidden): one pass over the names, and
+/// a removal (which hashes its name) only for what is there.
+pub fn strip_client_headers(headers: &mut HeaderMap, hidden: &[HeaderName]) {
+    let unwanted: Vec<HeaderName> = headers
         .keys()
-        .filter(|name| name.as_str().starts_with(IDENTITY_PREFIX))
+        .filter(|name| name.as_str().starts_with(IDENTITY_PREFIX) || hidden.contains(name))
         .cloned()
         .collect();
-    for name in spoofed {
+    for name in unwanted {
         headers.remove(name);
     }
 }
@@ -234,14 +236,15 @@ fn prepare_headers(state: &AppState, f: &Forward<'_>, headers: &mut HeaderMap) {
     // or three times on a request that came with few headers.
     headers.reserve(ADDED_HEADERS);
     strip_hop_by_hop(headers);
-    strip_identity(headers);
-    if state.config.auth.hide_credentials {
-        for name in &state.config.auth.key_headers {
-            headers.remove(name);
-        }
-        if headers.get(header::AUTHORIZATION).is_some_and(is_bearer) {
-            headers.remove(header::AUTHORIZATION);
-        }
+    let hide = state.config.auth.hide_credentials;
+    let hidden: &[HeaderName] = if hide {
+        &state.config.auth.key_headers
+    } else {
+        &[]
+    };
+    strip_client_headers(headers, hidden);
+    if hide && headers.get(header::AUTHORIZATION).is_some_and(is_bearer) {
+        headers.remove(header::AUTHORIZATION);
     }
     insert_identity(state, f.principal, headers);
     // One hash of the name for the lookup and the write.
