@@ -374,7 +374,6 @@ pub async fn forward(state: &AppState, f: Forward<'_>, req: Request) -> Response
         Upstream::Http {
             scheme,
             authority,
-            host,
             base_path,
         } => {
             let mut path_and_query = String::with_capacity(
@@ -396,7 +395,11 @@ pub async fn forward(state: &AppState, f: Forward<'_>, req: Request) -> Response
                         .into_response();
                 }
             };
-            parts.headers.insert(header::HOST, host.clone());
+            // Made per request: a value shared by the route would have its reference count
+            // written by both workers' cores on every request.
+            if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+                parts.headers.insert(header::HOST, host);
+            }
             parts.version = Version::HTTP_11;
             let request = Request::from_parts(parts, body);
             let sent = send(f.client, request, scheme, authority);

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::{HeaderValue, Uri};
+use axum::http::Uri;
 use keyward_core::path;
 
 use crate::config::{ECHO_UPSTREAM, RouteConfig};
@@ -17,8 +17,6 @@ pub enum Upstream {
     Http {
         scheme: axum::http::uri::Scheme,
         authority: axum::http::uri::Authority,
-        /// The `Host` the upstream gets, made once.
-        host: HeaderValue,
         /// Path prefix of the upstream base URL, without a trailing slash.
         base_path: String,
     },
@@ -55,11 +53,9 @@ impl RouteTable {
                 } else {
                     let uri: Uri = c.upstream.parse().ok()?;
                     let parts = uri.into_parts();
-                    let authority = parts.authority?;
                     Upstream::Http {
                         scheme: parts.scheme?,
-                        host: HeaderValue::from_str(authority.as_str()).ok()?,
-                        authority,
+                        authority: parts.authority?,
                         base_path: parts
                             .path_and_query
                             .map(|p| p.path().trim_end_matches('/').to_owned())
