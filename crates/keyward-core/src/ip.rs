@@ -1,6 +1,6 @@
 //! IP allow/block rules for keys: single addresses or CIDR networks, v4 and v6.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 
 use ipnet::IpNet;
 
@@ -46,6 +46,16 @@ pub fn canonical(addr: IpAddr) -> IpAddr {
     }
 }
 
+/// What one client controls of its address, for per-client bounds: an IPv6 host may use any
+/// address of its /64 (the interface id is its own to pick, and providers hand each
+/// subscriber a /64 or more), so it is counted by the /64; an IPv4 address by itself.
+pub fn client_network(addr: IpAddr) -> IpAddr {
+    match canonical(addr) {
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !(u128::from(u64::MAX)))),
+        v4 => v4,
+    }
+}
+
 /// Blocklist wins; a non-empty allowlist admits only its members.
 pub fn is_allowed(addr: IpAddr, allowed: &[IpNet], blocked: &[IpNet]) -> bool {
     let addr = canonical(addr);
@@ -57,6 +67,16 @@ pub fn is_allowed(addr: IpAddr, allowed: &[IpNet], blocked: &[IpNet]) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_client_is_its_ipv4_address_or_its_ipv6_slash_64() {
+        let net = |a: &str| client_network(a.parse().unwrap()).to_string();
+        assert_eq!(net("203.0.113.7"), "203.0.113.7");
+        assert_eq!(net("::ffff:203.0.113.7"), "203.0.113.7");
+        assert_eq!(net("2001:db8:1:2:aaaa:bbbb:cccc:dddd"), "2001:db8:1:2::");
+        assert_eq!(net("2001:db8:1:2::1"), net("2001:db8:1:2:ffff::9"));
+        assert_ne!(net("2001:db8:1:2::1"), net("2001:db8:1:3::1"));
+    }
+
     use super::*;
 
     fn rules(list: &[&str]) -> Vec<IpNet> {

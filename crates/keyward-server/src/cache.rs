@@ -66,7 +66,8 @@ impl BuildHasher for PassThrough {
 pub struct CacheSettings {
     pub negative_capacity: usize,
     pub negative_ttl_ms: i64,
-    /// Store queries that found nothing, per client address and minute; 0: no bound.
+    /// Store queries that found nothing, per client (IPv4 address or IPv6 /64) and minute; 0:
+    /// no bound.
     pub unknown_per_client: u32,
 }
 
@@ -82,8 +83,9 @@ pub struct KeyCache {
     negative: DashMap<KeyHash, Timestamp, foldhash::fast::RandomState>,
     /// Store queries in flight, by hash. Client-chosen hashes too, hence the seeded hasher.
     loading: DashMap<KeyHash, Arc<Load>, foldhash::fast::RandomState>,
-    /// Store queries that found nothing, by client address: `(minute, count)`. Addresses are
-    /// client-chosen (IPv6), hence the seeded hasher; bounded like the negative cache.
+    /// Store queries that found nothing, by client (an IPv4 address or an IPv6 /64):
+    /// `(minute, count)`. Client-chosen, hence the seeded hasher; bounded like the negative
+    /// cache.
     unknown_by_client: DashMap<IpAddr, (i64, u32), foldhash::fast::RandomState>,
     epoch: AtomicU64,
     settings: CacheSettings,
@@ -368,6 +370,7 @@ pub async fn resolve(
             Ok(None)
         }
         Lookup::Miss(epoch) => {
+            let client = keyward_core::ip::client_network(client);
             if let Some(secs) = cache.unknown_budget_spent(client, now) {
                 crate::metrics::unknown_keys_refused();
                 let mut refused =

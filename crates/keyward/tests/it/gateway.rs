@@ -827,6 +827,41 @@ async fn a_client_sending_unknown_keys_is_cut_off_from_store_queries() {
 }
 
 #[tokio::test]
+async fn an_ipv6_client_is_bounded_by_its_slash_64_not_by_each_address() {
+    let (s, _up) = gateway(
+        "[server]\ntrusted_proxies = [\"127.0.0.1/32\"]\n[cache]\nunknown_keys_per_client = 2\n",
+    )
+    .await;
+    let other = TestServer::start().await;
+    let mut unknown = Vec::new();
+    for _ in 0..4 {
+        unknown.push(other.create_key(json!({})).await.1);
+    }
+    let from = |client: &'static str, key: &str| {
+        let request = s
+            .client
+            .get(format!("{}/v1/chat/x", s.base))
+            .bearer_auth(key)
+            .header("X-Forwarded-For", client);
+        async move { TestServer::read(request.send().await.unwrap()).await }
+    };
+    // A new address of the same /64 for every key: still one client.
+    from("2001:db8:0:1::1", &unknown[0])
+        .await
+        .assert_error(401, "invalid_api_key");
+    from("2001:db8:0:1::2", &unknown[1])
+        .await
+        .assert_error(401, "invalid_api_key");
+    from("2001:db8:0:1:ffff::3", &unknown[2])
+        .await
+        .assert_error(429, "rate_limit_exceeded");
+    // Another /64 is another client.
+    from("2001:db8:0:2::1", &unknown[3])
+        .await
+        .assert_error(401, "invalid_api_key");
+}
+
+#[tokio::test]
 async fn concurrent_misses_on_one_key_share_one_store_query() {
     let (mut s, _up) = gateway("").await;
     let (_, key) = s.create_key(json!({"scopes": ["inference"]})).await;
