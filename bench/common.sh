@@ -26,6 +26,7 @@ keyward_config() { # listen internal [redis-url] [store-url]
 listen = "127.0.0.1:$1"
 internal_listen = "127.0.0.1:$2"
 data_dir = "$RUN/kw-data"
+${KW_SERVER_EXTRA:-}
 [store]
 url = "${4:-sqlite://$RUN/kw/keyward.db}"
 [ratelimit]

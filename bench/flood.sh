@@ -5,7 +5,11 @@
 # FLOOD_KEYS random well-formed keys (bench/random_keys.py), then per round, each for DURATION
 # with `wrk -t1 -cCONNECTIONS`: valid keys alone, the flood alone (req/s, keyward's CPU per
 # request, store queries from /metrics), and both at once on separate connections.
-# Usage: bench/flood.sh   (NKEYS=10000 FLOOD_KEYS=1000000 DURATION=8s CONNECTIONS=32 ROUNDS=2)
+# SPREAD=1 sends the flood from a random client address per request (X-Forwarded-For from
+# 10/8, keyward trusting 127.0.0.1 as its proxy): the per-client bound then never applies, the
+# per-node one (`cache.unknown_keys_per_node`) does.
+# Usage: bench/flood.sh   (NKEYS=10000 FLOOD_KEYS=1000000 DURATION=8s CONNECTIONS=32 ROUNDS=2
+#        SPREAD=1; KEYWARD_CACHE__UNKNOWN_KEYS_PER_NODE=0 measures without the node's bound)
 # Loopback only; every process it starts is stopped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +18,8 @@ FLOOD_KEYS=${FLOOD_KEYS:-1000000}
 DURATION=${DURATION:-8s}
 CONNECTIONS=${CONNECTIONS:-32}
 ROUNDS=${ROUNDS:-2}
+SPREAD=${SPREAD:-}
+[ -n "$SPREAD" ] && export KW_SERVER_EXTRA='trusted_proxies = ["127.0.0.1/32"]'
 
 . bench/common.sh
 install_missing wrk:wrk nginx:nginx-light
@@ -25,7 +31,7 @@ python3 bench/random_keys.py "$FLOOD_KEYS" "$RUN/random-keys.txt"
 url=http://127.0.0.1:19001/bench/x
 ticks() { local f; f=$(sed 's/.*) //' /proc/"$1"/stat); set -- $f; echo $((${12} + ${13})); }
 store_queries() { curl -s http://127.0.0.1:19011/metrics | awk '/^keyward_key_cache_misses_total/ {print $2}'; }
-load() { KEYS_FILE=$1 EXTRA_HEADER="" wrk -t1 -c"$CONNECTIONS" -d"$2" --latency -s bench/keys.lua "$url"; }
+load() { KEYS_FILE=$1 EXTRA_HEADER="" SPREAD_CLIENTS=${3:-} wrk -t1 -c"$CONNECTIONS" -d"$2" --latency -s bench/keys.lua "$url"; }
 field() { awk -v f="$1" '$0 ~ f {print $NF; exit}'; }
 rps() { awk '/Requests\/sec/ {print $2}'; }
 p99() { awk '/ 99%/ {print $2}'; }
@@ -37,11 +43,11 @@ for round in $(seq 1 "$ROUNDS"); do
   t0=$(ticks "$kw"); out=$(load "$RUN/keys.txt" "$DURATION"); t1=$(ticks "$kw")
   echo "round $round, valid keys alone: $(echo "$out" | rps) req/s, p99 $(echo "$out" | p99)," \
     "keyward CPU $(( (t1 - t0) * TICK_US / $(echo "$out" | count) )) µs per request"
-  q0=$(store_queries); t0=$(ticks "$kw"); out=$(load "$RUN/random-keys.txt" "$DURATION"); t1=$(ticks "$kw"); q1=$(store_queries)
+  q0=$(store_queries); t0=$(ticks "$kw"); out=$(load "$RUN/random-keys.txt" "$DURATION" "$SPREAD"); t1=$(ticks "$kw"); q1=$(store_queries)
   n=$(echo "$out" | count)
   echo "round $round, the flood alone: $(echo "$out" | rps) req/s (non-2xx: $(echo "$out" | field Non-2xx)," \
     "of $n), p99 $(echo "$out" | p99), $((q1 - q0)) store queries, keyward CPU $(( (t1 - t0) * TICK_US / n )) µs per request"
-  load "$RUN/random-keys.txt" "$DURATION" > "$RUN/flood.txt" & flood=$!
+  load "$RUN/random-keys.txt" "$DURATION" "$SPREAD" > "$RUN/flood.txt" & flood=$!
   out=$(load "$RUN/keys.txt" "$DURATION"); wait "$flood"
   echo "round $round, both at once: valid $(echo "$out" | rps) req/s (p99 $(echo "$out" | p99))," \
     "flood $(rps < "$RUN/flood.txt") req/s"

@@ -6,6 +6,9 @@ end
 local header = os.getenv("KEY_HEADER") or "Authorization"
 local prefix = header == "Authorization" and "Bearer " or ""
 local extra = os.getenv("EXTRA_HEADER")
+-- SPREAD_CLIENTS=1: every request claims a random client address of 10/8 in X-Forwarded-For
+-- (which the gateway believes from a trusted proxy): a flood from many addresses.
+local spread = (os.getenv("SPREAD_CLIENTS") or "") ~= ""
 
 -- Each wrk thread runs this file in a Lua state of its own: seeded alike, every thread would
 -- send the same sequence of keys. `setup` (in wrk's main state) numbers the threads.
@@ -24,6 +27,10 @@ request = function()
   if extra and extra ~= "" then
     local name, value = extra:match("^([^:]+):%s*(.*)$")
     headers[name] = value
+  end
+  if spread then
+    headers["X-Forwarded-For"] = string.format("10.%d.%d.%d", math.random(0, 255),
+      math.random(0, 255), math.random(1, 254))
   end
   return wrk.format("GET", wrk.path, headers)
 end

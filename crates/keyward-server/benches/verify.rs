@@ -66,6 +66,7 @@ fn verification(c: &mut Criterion) {
             negative_capacity: 1000,
             negative_ttl_ms: 60_000,
             unknown_per_client: 0,
+            unknown_per_node: 0,
         });
         let mut headers = Vec::with_capacity(n);
         for _ in 0..n {

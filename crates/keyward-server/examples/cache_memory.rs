@@ -36,6 +36,7 @@ fn main() {
         negative_capacity: 1,
         negative_ttl_ms: 1,
         unknown_per_client: 0,
+        unknown_per_node: 0,
     });
     let before = rss_bytes();
     for i in 0..n {

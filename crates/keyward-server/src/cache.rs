@@ -14,14 +14,18 @@
 //!   minute: the checksum is public, so anyone can make keys that pass it, and without a bound
 //!   each distinct one costs a query (`bench/flood.sh`). A client over it is answered 429
 //!   for keys the cache does not know, without a query; cached keys still work.
+//! - A flood from many clients is bounded per node: once the node's store queries that find
+//!   nothing pass their own bound in a minute, the node builds a set of every stored secret's
+//!   hash prefix (8 bytes each, kept current from the change feed), and from then on, past the
+//!   bound, a key whose prefix is not in the set is unknown without a query.
 
 mod table;
 
 use std::collections::HashSet;
 use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use dashmap::DashMap;
 use hashbrown::HashTable;
@@ -69,6 +73,48 @@ pub struct CacheSettings {
     /// Store queries that found nothing, per client (IPv4 address or IPv6 /64) and minute; 0:
     /// no bound.
     pub unknown_per_client: u32,
+    /// Store queries that found nothing on this node per minute, past which only keys in the
+    /// set of stored hash prefixes are queried; 0: no bound.
+    pub unknown_per_node: u32,
+}
+
+/// The first 8 bytes of every stored secret's hash. Built only once a node has met a flood
+/// (its memory, 10–19 bytes per stored key by the set's layout, and the scan are for nodes
+/// that need them), then kept: new secrets reach it through the change feed and this node's
+/// own writes. Deleted secrets may linger; a stale prefix only costs a query.
+#[derive(Default)]
+struct StoredHashes {
+    state: AtomicU8,
+    prefixes: RwLock<HashSet<u64, PassThrough>>,
+}
+
+const STORED_OFF: u8 = 0;
+/// Wanted and kept current, not yet complete: the change feed's follower scans the store.
+const STORED_WANTED: u8 = 1;
+const STORED_READY: u8 = 2;
+
+impl StoredHashes {
+    fn state(&self) -> u8 {
+        self.state.load(Ordering::Acquire)
+    }
+
+    fn add(&self, hashes: &[KeyHash]) {
+        let mut prefixes = self
+            .prefixes
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        prefixes.extend(hashes.iter().map(prefix));
+    }
+
+    /// Whether a hash may be stored: `None` while the set is not complete.
+    fn may_hold(&self, hash: &KeyHash) -> Option<bool> {
+        (self.state() == STORED_READY).then(|| {
+            self.prefixes
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains(&prefix(hash))
+        })
+    }
 }
 
 pub struct KeyCache {
@@ -87,6 +133,9 @@ pub struct KeyCache {
     /// `(minute, count)`. Client-chosen, hence the seeded hasher; bounded like the negative
     /// cache.
     unknown_by_client: DashMap<IpAddr, (i64, u32), foldhash::fast::RandomState>,
+    /// Store queries that found nothing on this node: `(minute, count)`.
+    unknown_on_node: Mutex<(i64, u32)>,
+    stored: StoredHashes,
     epoch: AtomicU64,
     settings: CacheSettings,
 }
@@ -155,6 +204,8 @@ impl KeyCache {
             negative: DashMap::with_hasher(foldhash::fast::RandomState::default()),
             loading: DashMap::with_hasher(foldhash::fast::RandomState::default()),
             unknown_by_client: DashMap::with_hasher(foldhash::fast::RandomState::default()),
+            unknown_on_node: Mutex::default(),
+            stored: StoredHashes::default(),
             epoch: AtomicU64::new(0),
             settings,
         }
@@ -282,6 +333,8 @@ impl KeyCache {
     }
 
     fn charge_unknown(&self, client: IpAddr, now: Timestamp) {
+        let minute = now.as_millis().div_euclid(60_000);
+        self.charge_unknown_on_node(minute);
         if self.settings.unknown_per_client == 0 {
             return;
         }
@@ -289,7 +342,6 @@ impl KeyCache {
             // Bounded: many addresses cost memory up to here, then the counts start over.
             self.unknown_by_client.clear();
         }
-        let minute = now.as_millis().div_euclid(60_000);
         let mut entry = self.unknown_by_client.entry(client).or_insert((minute, 0));
         if entry.0 == minute {
             entry.1 = entry.1.saturating_add(1);
@@ -298,9 +350,71 @@ impl KeyCache {
         }
     }
 
-    /// A hash that now belongs to a key must not linger as unknown.
+    fn charge_unknown_on_node(&self, minute: i64) {
+        let bound = self.settings.unknown_per_node;
+        if bound == 0 {
+            return;
+        }
+        let mut node = lock(&self.unknown_on_node);
+        *node = match *node {
+            (m, count) if m == minute => (m, count.saturating_add(1)),
+            _ => (minute, 1),
+        };
+        if node.1 >= bound {
+            // The first flood: the change feed's follower builds the set.
+            let _ = self.stored.state.compare_exchange(
+                STORED_OFF,
+                STORED_WANTED,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+        }
+    }
+
+    /// Past this node's bound, whether a hash is worth a store query: `false` when the set of
+    /// stored hashes is complete and lacks it.
+    fn worth_a_query(&self, hash: &KeyHash, now: Timestamp) -> bool {
+        let bound = self.settings.unknown_per_node;
+        if bound == 0 {
+            return true;
+        }
+        let minute = now.as_millis().div_euclid(60_000);
+        let (m, count) = *lock(&self.unknown_on_node);
+        if m != minute || count < bound {
+            return true;
+        }
+        self.stored.may_hold(hash) != Some(false)
+    }
+
+    /// True when the change feed's follower should scan the store for the set of stored
+    /// hashes (a flood asked for it).
+    pub fn wants_stored_hashes(&self) -> bool {
+        self.stored.state() == STORED_WANTED
+    }
+
+    /// Completes the set with a scan of the store, made after it was wanted.
+    pub fn fill_stored_hashes(&self, hashes: &[KeyHash]) {
+        self.stored.add(hashes);
+        self.stored.state.store(STORED_READY, Ordering::Release);
+    }
+
+    /// True once the set is kept: new secrets must then be added to it.
+    pub fn keeps_stored_hashes(&self) -> bool {
+        self.stored.state() != STORED_OFF
+    }
+
+    /// Adds new secrets (from the change feed, or written on this node) to the set, if kept.
+    pub fn add_stored_hashes(&self, hashes: &[KeyHash]) {
+        if self.keeps_stored_hashes() {
+            self.stored.add(hashes);
+        }
+    }
+
+    /// A hash that now belongs to a key must not linger as unknown, and joins the set of
+    /// stored hashes if the node keeps one.
     pub fn forget_unknown(&self, hash: &KeyHash) {
         self.negative.remove(hash);
+        self.add_stored_hashes(std::slice::from_ref(hash));
     }
 
     pub fn len(&self) -> (usize, usize) {
@@ -380,6 +494,11 @@ pub async fn resolve(
                 refused.retry_after = Some(secs);
                 return Err(refused);
             }
+            if !cache.worth_a_query(hash, now) {
+                // A flood from many clients, and no stored secret has this hash.
+                crate::metrics::unknown_keys_filtered();
+                return Ok(None);
+            }
             let loading = Loading {
                 cache,
                 hash,
@@ -431,10 +550,34 @@ pub async fn follow_changes(
             _ = interval.tick() => {}
             _ = stop.wait_for(|s| *s) => return,
         }
+        if cache.wants_stored_hashes() {
+            // Before this round's changes: what they add then lands in the complete set.
+            match store.secret_hashes().await {
+                Ok(hashes) => {
+                    cache.fill_stored_hashes(&hashes);
+                    tracing::warn!(
+                        stored = hashes.len(),
+                        "unknown keys past the node's bound: only stored hashes are queried now"
+                    );
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot read the stored hashes; retrying"),
+            }
+        }
         match store.key_changes_since(seq).await {
             Ok((keys, next)) => {
                 for key in &keys {
                     cache.invalidate(key);
+                }
+                if cache.keeps_stored_hashes() && !keys.is_empty() {
+                    match store.secret_hashes_of(&keys).await {
+                        Ok(hashes) => cache.add_stored_hashes(&hashes),
+                        Err(e) => {
+                            // Read again next round: a secret missing from the set would be
+                            // refused under a flood.
+                            tracing::warn!(error = %e, "cannot read new secrets' hashes; retrying");
+                            continue;
+                        }
+                    }
                 }
                 seq = next;
             }
@@ -503,6 +646,7 @@ mod tests {
             negative_capacity: cap,
             negative_ttl_ms: 1_000,
             unknown_per_client: 3,
+            unknown_per_node: 0,
         })
     }
 
@@ -714,5 +858,39 @@ mod tests {
             "b still uses `write`; `read` went with a"
         );
         drop(b);
+    }
+
+    #[test]
+    fn past_the_node_bound_only_stored_hashes_are_worth_a_query() {
+        let c = KeyCache::new(CacheSettings {
+            negative_capacity: 10,
+            negative_ttl_ms: 1_000,
+            unknown_per_client: 0,
+            unknown_per_node: 2,
+        });
+        let [stored, created, stranger] = [1u8, 2, 3].map(|n| KeyHash::of(&[n; 40]));
+        let client = |n: u8| IpAddr::from([10, 0, 0, n]);
+        assert!(c.worth_a_query(&stranger, NOW));
+        c.charge_unknown(client(1), NOW);
+        assert!(!c.wants_stored_hashes(), "under the bound: no set");
+        c.add_stored_hashes(&[created]);
+        c.charge_unknown(client(2), NOW);
+        assert!(
+            c.wants_stored_hashes(),
+            "the bound reached: the set is wanted"
+        );
+        assert!(
+            c.worth_a_query(&stranger, NOW),
+            "until the set is complete, misses are queried"
+        );
+        c.fill_stored_hashes(&[stored]);
+        assert!(!c.wants_stored_hashes());
+        assert!(c.worth_a_query(&stored, NOW));
+        assert!(!c.worth_a_query(&stranger, NOW));
+        // Secrets made once the set is kept join it (this node's writes, the change feed).
+        c.forget_unknown(&created);
+        assert!(c.worth_a_query(&created, NOW));
+        // The bound is per minute.
+        assert!(c.worth_a_query(&stranger, NOW.plus_secs(60)));
     }
 }

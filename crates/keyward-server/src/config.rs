@@ -189,8 +189,12 @@ pub struct UsageConfig {
 pub struct CacheConfig {
     pub negative_capacity: usize,
     pub negative_ttl_seconds: u64,
-    /// Store queries that found nothing, per client address and minute (0: no bound).
+    /// Store queries that found nothing, per client (IPv4 address, IPv6 /64) and minute (0: no
+    /// bound).
     pub unknown_keys_per_client: u32,
+    /// Store queries that found nothing on this node per minute, past which only keys whose
+    /// hash is stored are queried (0: no bound).
+    pub unknown_keys_per_node: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -398,6 +402,7 @@ const KNOWN_KEYS: &[&str] = &[
     "cache.negative_capacity",
     "cache.negative_ttl_seconds",
     "cache.unknown_keys_per_client",
+    "cache.unknown_keys_per_node",
     "log.format",
     "log.level",
 ];
@@ -712,6 +717,7 @@ fn build(figment: &Figment) -> Result<Config, ConfigErrors> {
     }
     let negative_ttl_seconds: u64 = r.get("cache.negative_ttl_seconds", 60);
     let unknown_keys_per_client: u32 = r.get("cache.unknown_keys_per_client", 1_000);
+    let unknown_keys_per_node: u32 = r.get("cache.unknown_keys_per_node", 10_000);
 
     let ttl_seconds: u64 = r.get("tokens.ttl_seconds", 900);
     if !(60..=3600).contains(&ttl_seconds) {
@@ -811,6 +817,7 @@ fn build(figment: &Figment) -> Result<Config, ConfigErrors> {
             negative_capacity,
             negative_ttl_seconds,
             unknown_keys_per_client,
+            unknown_keys_per_node,
         },
         tokens: TokensConfig {
             ttl_seconds,

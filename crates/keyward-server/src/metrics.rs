@@ -36,3 +36,4 @@ cached_counter!(
     "keyward_key_cache_negative_hits_total"
 );
 cached_counter!(unknown_keys_refused, "keyward_unknown_keys_refused_total");
+cached_counter!(unknown_keys_filtered, "keyward_unknown_keys_filtered_total");

@@ -47,6 +47,7 @@ impl AppState {
             negative_ttl_ms: i64::try_from(config.cache.negative_ttl_seconds.saturating_mul(1000))
                 .unwrap_or(i64::MAX),
             unknown_per_client: config.cache.unknown_keys_per_client,
+            unknown_per_node: config.cache.unknown_keys_per_node,
         }));
         let routes = Arc::new(RouteTable::new(&config.routes));
         // The keys' rate-limit logs and usage counts share one map entry per key.

@@ -8,7 +8,7 @@ use ipnet::IpNet;
 use keyward_core::Timestamp;
 use keyward_core::ids::{AuditId, KeyId, OrgId, ProjectId, UserId};
 use keyward_core::key::ApiKey;
-use keyward_core::key_format::Environment;
+use keyward_core::key_format::{Environment, KeyHash};
 use sqlx::Row;
 
 use crate::{
@@ -116,6 +116,17 @@ macro_rules! impl_columns {
 
 impl_columns!(sqlx::sqlite::SqliteRow);
 impl_columns!(sqlx::postgres::PgRow);
+
+/// Secret hashes as stored (32-byte blobs); a row of any other length is skipped, not fatal.
+pub(crate) fn hashes_from_rows(rows: &[impl Columns]) -> StoreResult<Vec<KeyHash>> {
+    let mut hashes = Vec::with_capacity(rows.len());
+    for row in rows {
+        if let Some(hash) = KeyHash::from_slice(&row.bytes("hash")?) {
+            hashes.push(hash);
+        }
+    }
+    Ok(hashes)
+}
 
 pub(crate) fn key_from_row(row: &impl Columns) -> StoreResult<ApiKey> {
     Ok(ApiKey {

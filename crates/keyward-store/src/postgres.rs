@@ -26,9 +26,9 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgConnection, PgPool, Row};
 
 use crate::codec::{
-    MergedUsage, audit_from_row, ips_to_json, key_from_row, map_err, merge_usage, org_from_row,
-    paginate, project_from_row, signing_key_from_row, sql_count, to_json, ts, usage_from_row,
-    user_from_row,
+    MergedUsage, audit_from_row, hashes_from_rows, ips_to_json, key_from_row, map_err, merge_usage,
+    org_from_row, paginate, project_from_row, signing_key_from_row, sql_count, to_json, ts,
+    usage_from_row, user_from_row,
 };
 use crate::{
     AuditEntry, Bootstrap, KeyFilter, KeyLookup, Org, Page, PageRequest, Project, RevokeOutcome,
@@ -344,8 +344,11 @@ impl Store for PgStore {
         audit: &AuditEntry,
     ) -> StoreResult<()> {
         let mut tx = self.pool.begin().await.map_err(map_err)?;
+        lock_key_changes(&mut tx).await?;
         insert_key(&mut *tx, key).await?;
         insert_secret(&mut *tx, hash, &key.id, key.created_at).await?;
+        // Nothing to invalidate, but a node's filter of stored hashes learns the new secret.
+        note_change(&mut *tx, &key.id.to_string(), key.created_at).await?;
         insert_audit(&mut *tx, audit).await?;
         tx.commit().await.map_err(map_err)
     }
@@ -769,6 +772,24 @@ impl Store for PgStore {
         .map_err(map_err)?;
         insert_audit(&mut *tx, audit).await?;
         tx.commit().await.map_err(map_err)
+    }
+
+    async fn secret_hashes(&self) -> StoreResult<Vec<KeyHash>> {
+        let rows = sqlx::query("SELECT hash FROM key_secrets")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        hashes_from_rows(&rows)
+    }
+
+    async fn secret_hashes_of(&self, keys: &[KeyId]) -> StoreResult<Vec<KeyHash>> {
+        let ids: Vec<String> = keys.iter().map(ToString::to_string).collect();
+        let rows = sqlx::query("SELECT hash FROM key_secrets WHERE key_id = ANY($1)")
+            .bind(ids)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        hashes_from_rows(&rows)
     }
 
     async fn find_key_by_id(&self, id: &KeyId) -> StoreResult<Option<KeyLookup>> {

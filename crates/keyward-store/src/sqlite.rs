@@ -13,8 +13,9 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 
 use crate::codec::{
-    audit_from_row, ips_to_json, key_from_row, map_err, merge_usage, org_from_row, paginate,
-    project_from_row, signing_key_from_row, sql_count, to_json, ts, usage_from_row, user_from_row,
+    audit_from_row, hashes_from_rows, ips_to_json, key_from_row, map_err, merge_usage,
+    org_from_row, paginate, project_from_row, signing_key_from_row, sql_count, to_json, ts,
+    usage_from_row, user_from_row,
 };
 use crate::{
     AuditEntry, Bootstrap, KeyFilter, KeyLookup, Org, Page, PageRequest, Project, RevokeOutcome,
@@ -313,6 +314,8 @@ impl Store for SqliteStore {
         let mut tx = self.pool.begin().await.map_err(map_err)?;
         insert_key(&mut *tx, key).await?;
         insert_secret(&mut *tx, hash, &key.id, key.created_at).await?;
+        // Nothing to invalidate, but a node's filter of stored hashes learns the new secret.
+        note_change(&mut *tx, &key.id.to_string(), key.created_at).await?;
         insert_audit(&mut *tx, audit).await?;
         tx.commit().await.map_err(map_err)
     }
@@ -708,6 +711,28 @@ impl Store for SqliteStore {
         .map_err(map_err)?;
         insert_audit(&mut *tx, audit).await?;
         tx.commit().await.map_err(map_err)
+    }
+
+    async fn secret_hashes(&self) -> StoreResult<Vec<KeyHash>> {
+        let rows = sqlx::query("SELECT hash FROM key_secrets")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        hashes_from_rows(&rows)
+    }
+
+    async fn secret_hashes_of(&self, keys: &[KeyId]) -> StoreResult<Vec<KeyHash>> {
+        // The ids as one JSON array: one statement and one bound parameter, however many.
+        let ids: Vec<String> = keys.iter().map(ToString::to_string).collect();
+        let ids = serde_json::Value::from(ids).to_string();
+        let rows = sqlx::query(
+            "SELECT hash FROM key_secrets WHERE key_id IN (SELECT value FROM json_each(?))",
+        )
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        hashes_from_rows(&rows)
     }
 
     async fn find_key_by_id(&self, id: &KeyId) -> StoreResult<Option<KeyLookup>> {

@@ -614,3 +614,53 @@ pub async fn large_usage_batches_are_written_whole(store: Arc<dyn Store>) {
     assert_eq!(got(k.id).await, Some(T0.plus_secs(9)));
     assert_eq!(got(other.id).await, Some(T0.plus_secs(3)));
 }
+
+pub async fn secret_hashes_are_listed_and_creations_fed(store: Arc<dyn Store>) {
+    let (org, project, first) = seeded(&store).await;
+    let start = store.key_changes_head().await.unwrap();
+    let second = key(&org.id, &project.id);
+    store
+        .create_key(&second, &hash(7), &audit(&org.id, "key.created", T0))
+        .await
+        .unwrap();
+    // A creation is in the feed: a node's filter of stored hashes learns of it there.
+    let (changed, _) = store.key_changes_since(start).await.unwrap();
+    assert_eq!(changed, vec![second.id]);
+    let t1 = T0.plus_secs(10);
+    let rotation = Rotation {
+        new_hash: hash(2),
+        new_hint: "hint2".into(),
+        new_scopes: None,
+        previous_valid_until: t1.plus_secs(100),
+        now: t1,
+    };
+    store
+        .rotate_key(
+            &org.id,
+            &first.id,
+            &rotation,
+            &audit(&org.id, "key.rotated", t1),
+        )
+        .await
+        .unwrap();
+    let sorted = |mut hashes: Vec<KeyHash>| {
+        hashes.sort_by_key(|h| *h.as_bytes());
+        hashes
+    };
+    assert_eq!(
+        sorted(store.secret_hashes().await.unwrap()),
+        sorted(vec![hash(1), hash(2), hash(7)])
+    );
+    assert_eq!(
+        sorted(store.secret_hashes_of(&[first.id]).await.unwrap()),
+        sorted(vec![hash(1), hash(2)])
+    );
+    assert_eq!(
+        store
+            .secret_hashes_of(&[second.id, KeyId::generate()])
+            .await
+            .unwrap(),
+        vec![hash(7)]
+    );
+    assert!(store.secret_hashes_of(&[]).await.unwrap().is_empty());
+}

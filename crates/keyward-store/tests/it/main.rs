@@ -76,6 +76,7 @@ store_contract!(
     key_changes_are_fed_in_order,
     usage_batches_add_up,
     large_usage_batches_are_written_whole,
+    secret_hashes_are_listed_and_creations_fed,
 );
 
 /// A key change naming an id keyward would never write (a hand-made row, a restore) names no

@@ -862,6 +862,91 @@ async fn an_ipv6_client_is_bounded_by_its_slash_64_not_by_each_address() {
 }
 
 #[tokio::test]
+async fn a_flood_from_many_clients_queries_only_stored_hashes() {
+    let (s, _up) = gateway(
+        "[server]\ntrusted_proxies = [\"127.0.0.1/32\"]\n\
+         [cache]\nunknown_keys_per_client = 0\nunknown_keys_per_node = 3\n",
+    )
+    .await;
+    // Stored, never used here: not cached.
+    let (_, stored) = s.create_key(json!({"scopes": ["inference"]})).await;
+    let other = TestServer::start().await;
+    let mut unknown = Vec::new();
+    for _ in 0..16 {
+        unknown.push(other.create_key(json!({})).await.1);
+    }
+    let mut unknown = unknown.into_iter();
+    let mut client = 0u8;
+    let mut from_a_new_client = |key: String| {
+        client += 1;
+        let request = s
+            .client
+            .get(format!("{}/v1/chat/x", s.base))
+            .bearer_auth(key)
+            .header("X-Forwarded-For", format!("198.51.100.{client}"));
+        async move { TestServer::read(request.send().await.unwrap()).await }
+    };
+    let queries = |m: &str| metric(m, "keyward_key_cache_misses_total");
+    let filtered = |m: &str| metric(m, "keyward_unknown_keys_filtered_total");
+    // Three clients' unknown keys reach the node's bound, each with a query.
+    for key in unknown.by_ref().take(3) {
+        from_a_new_client(key)
+            .await
+            .assert_error(401, "invalid_api_key");
+    }
+    // The change feed's follower reads the stored hashes within a round (0.5 s); until then
+    // unknown keys are still queried.
+    let mut rounds = 0;
+    while filtered(&s.metrics().await) == 0.0 && rounds < 10 {
+        let key = unknown.next().unwrap();
+        from_a_new_client(key)
+            .await
+            .assert_error(401, "invalid_api_key");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        rounds += 1;
+    }
+    let before = s.metrics().await;
+    assert!(filtered(&before) >= 1.0, "{before}");
+    from_a_new_client(unknown.next().unwrap())
+        .await
+        .assert_error(401, "invalid_api_key");
+    let after = s.metrics().await;
+    assert_eq!(
+        queries(&after),
+        queries(&before),
+        "no query for an unknown key"
+    );
+    assert_eq!(filtered(&after), filtered(&before) + 1.0);
+    // Stored keys are still queried: one this node has not cached, one it has just made, and
+    // one another process made (the CLI, as another node would), once the feed has it.
+    assert_eq!(from_a_new_client(stored).await.status, 200);
+    let (_, fresh) = s.create_key(json!({"scopes": ["inference"]})).await;
+    assert_eq!(from_a_new_client(fresh).await.status, 200);
+    let (st, out, err) = crate::harness::cli(
+        s.dir.path(),
+        &[
+            "keys",
+            "create",
+            "--name",
+            "elsewhere",
+            "--scopes",
+            "inference",
+            "--json",
+        ],
+        None,
+        &[],
+    );
+    assert!(st.success(), "{err}");
+    let created: Value = serde_json::from_str(&out).unwrap();
+    let elsewhere = created["key"].as_str().unwrap();
+    let r = s
+        .eventually(200, Method::GET, "/v1/chat/x", elsewhere)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(queries(&s.metrics().await), queries(&after) + 3.0);
+}
+
+#[tokio::test]
 async fn concurrent_misses_on_one_key_share_one_store_query() {
     let (mut s, _up) = gateway("").await;
     let (_, key) = s.create_key(json!({"scopes": ["inference"]})).await;
