@@ -128,6 +128,33 @@ pub(crate) fn hashes_from_rows(rows: &[impl Columns]) -> StoreResult<Vec<KeyHash
     Ok(hashes)
 }
 
+/// Rows per page when every secret's hash is read.
+pub(crate) const HASH_PAGE: usize = 10_000;
+
+/// Every stored secret's hash, read in pages of `size` along the primary key (`page` gets
+/// the last hash read, empty at first, and returns up to `size` rows after it): a million rows
+/// read at once would all sit in memory together, ~100 bytes each.
+pub(crate) async fn hashes_in_pages<R, F, Fut>(
+    size: usize,
+    mut page: F,
+) -> StoreResult<Vec<KeyHash>>
+where
+    R: Columns,
+    F: FnMut(Vec<u8>) -> Fut,
+    Fut: std::future::Future<Output = StoreResult<Vec<R>>>,
+{
+    let mut hashes = Vec::new();
+    let mut after = Vec::new();
+    loop {
+        let rows = page(after).await?;
+        hashes.extend(hashes_from_rows(&rows)?);
+        match rows.last() {
+            Some(last) if rows.len() >= size => after = last.bytes("hash")?,
+            _ => return Ok(hashes),
+        }
+    }
+}
+
 pub(crate) fn key_from_row(row: &impl Columns) -> StoreResult<ApiKey> {
     Ok(ApiKey {
         id: key_id(&row.text("id")?)?,
@@ -254,5 +281,57 @@ pub(crate) fn merge_usage(rows: &[UsageRow], last_used: &[(KeyId, Timestamp)]) -
     MergedUsage {
         counts,
         last_used: latest,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A row of the store below: a secret's hash and nothing else.
+    struct HashRow(Vec<u8>);
+
+    impl Columns for HashRow {
+        fn text(&self, column: &str) -> StoreResult<String> {
+            Err(corrupt(column))
+        }
+        fn opt_text(&self, column: &str) -> StoreResult<Option<String>> {
+            Err(corrupt(column))
+        }
+        fn int(&self, column: &str) -> StoreResult<i64> {
+            Err(corrupt(column))
+        }
+        fn opt_int(&self, column: &str) -> StoreResult<Option<i64>> {
+            Err(corrupt(column))
+        }
+        fn bytes(&self, _: &str) -> StoreResult<Vec<u8>> {
+            Ok(self.0.clone())
+        }
+    }
+
+    #[tokio::test]
+    async fn hashes_are_read_page_by_page_along_the_key() {
+        let mut stored: Vec<Vec<u8>> = (0..5u8)
+            .map(|n| KeyHash::of(&[n; 40]).as_bytes().to_vec())
+            .collect();
+        stored.sort();
+        let mut asked = Vec::new();
+        let hashes = hashes_in_pages(2, |after: Vec<u8>| {
+            let page: Vec<HashRow> = stored
+                .iter()
+                .filter(|hash| **hash > after)
+                .take(2)
+                .cloned()
+                .map(HashRow)
+                .collect();
+            asked.push(after);
+            async move { Ok(page) }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        let read: Vec<Vec<u8>> = hashes.iter().map(|h| h.as_bytes().to_vec()).collect();
+        assert_eq!(read, stored);
+        // Two full pages, then a short one ends it.
+        assert_eq!(asked, [vec![], stored[1].clone(), stored[3].clone()]);
     }
 }

@@ -13,9 +13,9 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 
 use crate::codec::{
-    audit_from_row, hashes_from_rows, ips_to_json, key_from_row, map_err, merge_usage,
-    org_from_row, paginate, project_from_row, signing_key_from_row, sql_count, to_json, ts,
-    usage_from_row, user_from_row,
+    HASH_PAGE, audit_from_row, hashes_from_rows, hashes_in_pages, ips_to_json, key_from_row,
+    map_err, merge_usage, org_from_row, paginate, project_from_row, signing_key_from_row,
+    sql_count, to_json, ts, usage_from_row, user_from_row,
 };
 use crate::{
     AuditEntry, Bootstrap, KeyFilter, KeyLookup, Org, Page, PageRequest, Project, RevokeOutcome,
@@ -714,11 +714,15 @@ impl Store for SqliteStore {
     }
 
     async fn secret_hashes(&self) -> StoreResult<Vec<KeyHash>> {
-        let rows = sqlx::query("SELECT hash FROM key_secrets")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(map_err)?;
-        hashes_from_rows(&rows)
+        hashes_in_pages(HASH_PAGE, |after| async move {
+            sqlx::query("SELECT hash FROM key_secrets WHERE hash > ? ORDER BY hash LIMIT ?")
+                .bind(after)
+                .bind(sql_count(HASH_PAGE as u64))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(map_err)
+        })
+        .await
     }
 
     async fn secret_hashes_of(&self, keys: &[KeyId]) -> StoreResult<Vec<KeyHash>> {
