@@ -79,8 +79,8 @@ pub struct CacheSettings {
 }
 
 /// The first 8 bytes of every stored secret's hash. Built only once a node has met a flood
-/// (its memory, 10–19 bytes per stored key by the set's layout, and the scan are for nodes
-/// that need them), then kept: new secrets reach it through the change feed and this node's
+/// (its memory, ~19 bytes per stored key, and the scan are for nodes that need them), then
+/// kept: new secrets reach it through the change feed and this node's
 /// own writes. Deleted secrets may linger; a stale prefix only costs a query.
 #[derive(Default)]
 struct StoredHashes {
@@ -392,9 +392,17 @@ impl KeyCache {
         self.stored.state() == STORED_WANTED
     }
 
-    /// Completes the set with a scan of the store, made after it was wanted.
-    pub fn fill_stored_hashes(&self, hashes: &[KeyHash]) {
-        self.stored.add(hashes);
+    /// Completes the set with the prefixes of a scan of the store begun after it was wanted.
+    pub fn complete_stored_hashes(&self, scanned: Vec<u64>) {
+        {
+            let mut prefixes = self
+                .stored
+                .prefixes
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            prefixes.reserve(scanned.len());
+            prefixes.extend(scanned);
+        }
         self.stored.state.store(STORED_READY, Ordering::Release);
     }
 
@@ -551,12 +559,19 @@ pub async fn follow_changes(
             _ = stop.wait_for(|s| *s) => return,
         }
         if cache.wants_stored_hashes() {
-            // Before this round's changes: what they add then lands in the complete set.
-            match store.secret_hashes().await {
-                Ok(hashes) => {
-                    cache.fill_stored_hashes(&hashes);
+            // Before this round's changes: what they add then lands in the complete set. The
+            // prefixes are gathered first so that the set is sized once, not grown table by
+            // table (a failed scan leaves it wanted, and the next round starts over).
+            let mut prefixes = Vec::new();
+            let scanned = store
+                .secret_hashes(&mut |page| prefixes.extend(page.iter().map(prefix)))
+                .await;
+            match scanned {
+                Ok(()) => {
+                    let stored = prefixes.len();
+                    cache.complete_stored_hashes(prefixes);
                     tracing::warn!(
-                        stored = hashes.len(),
+                        stored,
                         "unknown keys past the node's bound: only stored hashes are queried now"
                     );
                 }
@@ -883,7 +898,7 @@ mod tests {
             c.worth_a_query(&stranger, NOW),
             "until the set is complete, misses are queried"
         );
-        c.fill_stored_hashes(&[stored]);
+        c.complete_stored_hashes(vec![prefix(&stored)]);
         assert!(!c.wants_stored_hashes());
         assert!(c.worth_a_query(&stored, NOW));
         assert!(!c.worth_a_query(&stranger, NOW));

@@ -131,26 +131,26 @@ pub(crate) fn hashes_from_rows(rows: &[impl Columns]) -> StoreResult<Vec<KeyHash
 /// Rows per page when every secret's hash is read.
 pub(crate) const HASH_PAGE: usize = 10_000;
 
-/// Every stored secret's hash, read in pages of `size` along the primary key (`page` gets
-/// the last hash read, empty at first, and returns up to `size` rows after it): a million rows
-/// read at once would all sit in memory together, ~100 bytes each.
+/// Reads every stored secret's hash in pages of `size` along the primary key (`fetch` gets
+/// the last hash read, empty at first, and returns up to `size` rows after it) and hands each
+/// page to `sink`: a million rows read at once would all sit in memory together.
 pub(crate) async fn hashes_in_pages<R, F, Fut>(
     size: usize,
-    mut page: F,
-) -> StoreResult<Vec<KeyHash>>
+    mut fetch: F,
+    sink: &mut (dyn FnMut(Vec<KeyHash>) + Send),
+) -> StoreResult<()>
 where
     R: Columns,
     F: FnMut(Vec<u8>) -> Fut,
     Fut: std::future::Future<Output = StoreResult<Vec<R>>>,
 {
-    let mut hashes = Vec::new();
     let mut after = Vec::new();
     loop {
-        let rows = page(after).await?;
-        hashes.extend(hashes_from_rows(&rows)?);
+        let rows = fetch(after).await?;
+        sink(hashes_from_rows(&rows)?);
         match rows.last() {
             Some(last) if rows.len() >= size => after = last.bytes("hash")?,
-            _ => return Ok(hashes),
+            _ => return Ok(()),
         }
     }
 }
@@ -316,7 +316,7 @@ mod tests {
             .collect();
         stored.sort();
         let mut asked = Vec::new();
-        let hashes = hashes_in_pages(2, |after: Vec<u8>| {
+        let fetch = |after: Vec<u8>| {
             let page: Vec<HashRow> = stored
                 .iter()
                 .filter(|hash| **hash > after)
@@ -326,10 +326,17 @@ mod tests {
                 .collect();
             asked.push(after);
             async move { Ok(page) }
-        })
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-        let read: Vec<Vec<u8>> = hashes.iter().map(|h| h.as_bytes().to_vec()).collect();
+        };
+        let mut pages: Vec<Vec<KeyHash>> = Vec::new();
+        hashes_in_pages(2, fetch, &mut |page| pages.push(page))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(pages.iter().map(Vec::len).collect::<Vec<_>>(), [2, 2, 1]);
+        let read: Vec<Vec<u8>> = pages
+            .iter()
+            .flatten()
+            .map(|h| h.as_bytes().to_vec())
+            .collect();
         assert_eq!(read, stored);
         // Two full pages, then a short one ends it.
         assert_eq!(asked, [vec![], stored[1].clone(), stored[3].clone()]);

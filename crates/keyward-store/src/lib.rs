@@ -317,9 +317,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Resolves a key by id (for JWTs, which name their key), with its organisation's tier.
     async fn find_key_by_id(&self, id: &KeyId) -> StoreResult<Option<KeyLookup>>;
-    /// Every stored secret's hash, whatever its validity (a superset is all a node's filter of
-    /// stored hashes needs), for a node under a flood of unknown keys.
-    async fn secret_hashes(&self) -> StoreResult<Vec<KeyHash>>;
+    /// Hands every stored secret's hash to `page`, a page at a time, whatever its validity (a
+    /// superset is all a node's filter of stored hashes needs), for a node under a flood of
+    /// unknown keys. Pages, so that a million hashes never sit in memory at once.
+    async fn secret_hashes(&self, page: &mut (dyn FnMut(Vec<KeyHash>) + Send)) -> StoreResult<()>;
     /// The hashes of these keys' secrets: the change feed names keys, not secrets.
     async fn secret_hashes_of(&self, keys: &[KeyId]) -> StoreResult<Vec<KeyHash>>;
 

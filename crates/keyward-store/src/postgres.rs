@@ -774,16 +774,16 @@ impl Store for PgStore {
         tx.commit().await.map_err(map_err)
     }
 
-    async fn secret_hashes(&self) -> StoreResult<Vec<KeyHash>> {
-        hashes_in_pages(HASH_PAGE, |after| async move {
+    async fn secret_hashes(&self, page: &mut (dyn FnMut(Vec<KeyHash>) + Send)) -> StoreResult<()> {
+        let fetch = |after: Vec<u8>| async move {
             sqlx::query("SELECT hash FROM key_secrets WHERE hash > $1 ORDER BY hash LIMIT $2")
                 .bind(after)
                 .bind(sql_count(HASH_PAGE as u64))
                 .fetch_all(&self.pool)
                 .await
                 .map_err(map_err)
-        })
-        .await
+        };
+        hashes_in_pages(HASH_PAGE, fetch, page).await
     }
 
     async fn secret_hashes_of(&self, keys: &[KeyId]) -> StoreResult<Vec<KeyHash>> {
