@@ -18,7 +18,7 @@ start_upstream() { # the nginx `return 200` upstream on 19000; its master's pid 
 
 wait_port() { for _ in $(seq 1 200); do (echo >/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 did not open" >&2; exit 1; }
 
-keyward_config() { # listen internal [redis-url] [store-url]
+keyward_config() { # listen internal [redis-url] [store-url]; KW_SERVER_EXTRA: more [server] lines
   local backend=memory
   [ -n "${3:-}" ] && backend=redis
   cat <<CFG

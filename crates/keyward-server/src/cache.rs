@@ -80,8 +80,8 @@ pub struct CacheSettings {
 
 /// The first 8 bytes of every stored secret's hash. Built only once a node has met a flood
 /// (its memory, ~19 bytes per stored key, and the scan are for nodes that need them), then
-/// kept: new secrets reach it through the change feed and this node's
-/// own writes. Deleted secrets may linger; a stale prefix only costs a query.
+/// kept: new secrets reach it through the change feed and this node's own writes. Deleted
+/// secrets may linger; a stale prefix only costs a query.
 #[derive(Default)]
 struct StoredHashes {
     state: AtomicU8,

@@ -845,20 +845,17 @@ async fn an_ipv6_client_is_bounded_by_its_slash_64_not_by_each_address() {
             .header("X-Forwarded-For", client);
         async move { TestServer::read(request.send().await.unwrap()).await }
     };
-    // A new address of the same /64 for every key: still one client.
-    from("2001:db8:0:1::1", &unknown[0])
-        .await
-        .assert_error(401, "invalid_api_key");
-    from("2001:db8:0:1::2", &unknown[1])
-        .await
-        .assert_error(401, "invalid_api_key");
-    from("2001:db8:0:1:ffff::3", &unknown[2])
-        .await
-        .assert_error(429, "rate_limit_exceeded");
-    // Another /64 is another client.
-    from("2001:db8:0:2::1", &unknown[3])
-        .await
-        .assert_error(401, "invalid_api_key");
+    // A new address of the same /64 for every key is still one client (the third is over
+    // its bound); another /64 is another client.
+    let cases = [
+        ("2001:db8:0:1::1", 401, "invalid_api_key"),
+        ("2001:db8:0:1::2", 401, "invalid_api_key"),
+        ("2001:db8:0:1:ffff::3", 429, "rate_limit_exceeded"),
+        ("2001:db8:0:2::1", 401, "invalid_api_key"),
+    ];
+    for ((client, status, code), key) in cases.into_iter().zip(&unknown) {
+        from(client, key).await.assert_error(status, code);
+    }
 }
 
 #[tokio::test]
