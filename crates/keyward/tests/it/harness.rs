@@ -311,6 +311,21 @@ impl Drop for TestServer {
     }
 }
 
+/// Waits, when needed, until at least `margin` is left of the current wall-clock minute.
+/// The unknown-key bounds count per calendar minute: a test that fills one and then looks
+/// for a refusal must not see the count start over halfway.
+pub async fn well_inside_a_minute(margin: Duration) {
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let into_minute = Duration::from_millis((since_epoch.as_millis() % 60_000) as u64);
+    let left = Duration::from_secs(60) - into_minute;
+    if left < margin {
+        // Past the boundary by a little, for a server whose clock reads slightly behind.
+        tokio::time::sleep(left + Duration::from_millis(50)).await;
+    }
+}
+
 /// A metric's value in Prometheus text, summed over its label sets; 0 when absent.
 pub fn metric(text: &str, name: &str) -> f64 {
     text.lines()
