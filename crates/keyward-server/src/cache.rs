@@ -70,8 +70,8 @@ impl BuildHasher for PassThrough {
 pub struct CacheSettings {
     pub negative_capacity: usize,
     pub negative_ttl_ms: i64,
-    /// Store queries that found nothing, per client (IPv4 address or IPv6 /64) and minute; 0:
-    /// no bound.
+    /// Unknown credentials (store queries that found nothing, tokens that failed their checks)
+    /// per client (IPv4 address or IPv6 /64) and minute; 0: no bound.
     pub unknown_per_client: u32,
     /// Store queries that found nothing on this node per minute, past which only keys in the
     /// set of stored hash prefixes are queried; 0: no bound.
@@ -314,8 +314,8 @@ impl KeyCache {
         }
     }
 
-    /// Seconds until `client` may make store queries again, when its queries that found
-    /// nothing this minute have reached the bound.
+    /// Seconds until `client` may have unknown credentials looked into again, when this
+    /// minute's have reached the bound.
     fn unknown_budget_spent(&self, client: IpAddr, now: Timestamp) -> Option<u64> {
         let bound = self.settings.unknown_per_client;
         if bound == 0 {
@@ -332,9 +332,32 @@ impl KeyCache {
         })
     }
 
+    /// Answers 429 when `client` has used up its unknown credentials this minute: the work
+    /// an unknown credential costs (a store query, a signature check) is then not done.
+    pub fn refuse_if_spent(&self, client: IpAddr, now: Timestamp) -> ApiResult<()> {
+        let Some(secs) = self.unknown_budget_spent(client, now) else {
+            return Ok(());
+        };
+        let mut refused = ApiError::new(ErrorCode::RateLimitExceeded).with_message(format!(
+            "Too many unknown or invalid credentials from this address. Retry after {secs} seconds."
+        ));
+        refused.retry_after = Some(secs);
+        Err(refused)
+    }
+
     fn charge_unknown(&self, client: IpAddr, now: Timestamp) {
         let minute = now.as_millis().div_euclid(60_000);
         self.charge_unknown_on_node(minute);
+        self.charge_client(client, minute);
+    }
+
+    /// Counts a token that failed verification against its client's unknown credentials
+    /// (not against the node's bound, which guards the store and its set of stored hashes).
+    pub fn charge_invalid_token(&self, client: IpAddr, now: Timestamp) {
+        self.charge_client(client, now.as_millis().div_euclid(60_000));
+    }
+
+    fn charge_client(&self, client: IpAddr, minute: i64) {
         if self.settings.unknown_per_client == 0 {
             return;
         }
@@ -493,15 +516,9 @@ pub async fn resolve(
         }
         Lookup::Miss(epoch) => {
             let client = keyward_core::ip::client_network(client);
-            if let Some(secs) = cache.unknown_budget_spent(client, now) {
-                crate::metrics::unknown_keys_refused();
-                let mut refused =
-                    ApiError::new(ErrorCode::RateLimitExceeded).with_message(format!(
-                        "Too many unknown API keys from this address. Retry after {secs} seconds."
-                    ));
-                refused.retry_after = Some(secs);
-                return Err(refused);
-            }
+            cache
+                .refuse_if_spent(client, now)
+                .inspect_err(|_| crate::metrics::unknown_keys_refused())?;
             if !cache.worth_a_query(hash, now) {
                 // A flood from many clients, and no stored secret has this hash.
                 crate::metrics::unknown_keys_filtered();

@@ -37,3 +37,7 @@ cached_counter!(
 );
 cached_counter!(unknown_keys_refused, "keyward_unknown_keys_refused_total");
 cached_counter!(unknown_keys_filtered, "keyward_unknown_keys_filtered_total");
+cached_counter!(
+    invalid_tokens_refused,
+    "keyward_invalid_tokens_refused_total"
+);

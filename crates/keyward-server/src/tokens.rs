@@ -575,7 +575,15 @@ impl TokenService {
     /// signature costs ~40 µs, the lookup well under one. Only verified tokens get in, so
     /// random tokens cannot fill the memory; it is bounded and emptied when the signing keys
     /// change. The key's state is checked on every use by the caller, as before.
-    pub fn verify_access(&self, token: &str, now: Timestamp) -> ApiResult<Arc<VerifiedAccess>> {
+    ///
+    /// `before_checking` runs only for a token not verified before, ahead of the checks, and
+    /// may refuse it: the caller's bound on the signatures an address makes it check.
+    pub fn verify_access(
+        &self,
+        token: &str,
+        now: Timestamp,
+        before_checking: impl FnOnce() -> ApiResult<()>,
+    ) -> ApiResult<Arc<VerifiedAccess>> {
         let digest = KeyHash::of(token.as_bytes());
         if let Some(hit) = self.verified.get(&digest) {
             if now.as_secs() > hit.claims.exp + LEEWAY_SECS as i64 {
@@ -585,6 +593,7 @@ impl TokenService {
             }
             return Ok(hit.clone());
         }
+        before_checking()?;
         let verified = Arc::new(self.verify_access_signature(token, now)?);
         if self.verified.len() >= VERIFIED_CAPACITY {
             self.verified.clear();

@@ -2,12 +2,12 @@
 //! attacks — checked with an independent implementation (PyJWT) that sees only the JWKS.
 
 use std::process::Command;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::harness::TestServer;
+use crate::harness::{TestServer, metric, well_inside_a_minute};
 
 const TOOL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/jwt_tool.py");
 
@@ -350,6 +350,76 @@ async fn hs256_mode_and_expired_tokens() {
     s.call(Method::GET, "/echo/x", Some(&identity_typ), None)
         .await
         .assert_error(401, "invalid_token");
+}
+
+#[tokio::test]
+async fn an_address_sending_forged_tokens_is_cut_off_from_signature_checks() {
+    let secret = "an-hs256-secret-of-at-least-32-bytes!!";
+    let s = TestServer::start_with_config(
+        "[server]\ntrusted_proxies = [\"127.0.0.1/32\"]\n[cache]\nunknown_keys_per_client = 2\n",
+        &[
+            ("KEYWARD_TOKENS__ALGORITHM", "HS256"),
+            ("KEYWARD_TOKENS__HS256_SECRET", secret),
+        ],
+    )
+    .await;
+    let (id, _) = s.create_key(json!({"scopes": ["inference"]})).await;
+    let org = s.admin(Method::GET, "/v1/org", None).await.body["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let signed = |secret: &str, exp: i64, jti: &str| {
+        let claims = json!({"iss": "http://localhost:8080", "sub": id, "aud": "keyward",
+            "org_id": org, "project_id": "proj_01JZZZZZZZZZZZZZZZZZZZZZZZ", "key_id": id,
+            "scopes": ["inference"], "iat": exp - 900, "nbf": exp - 900, "exp": exp, "jti": jti})
+        .to_string();
+        tool(&["hs256", secret, &claims, "kw-access+jwt"])
+    };
+    let forger = "another-secret-of-at-least-32-bytes!!!";
+    let [used, fresh, forged] = [(secret, "used"), (secret, "fresh"), (forger, "forged")]
+        .map(|(secret, jti)| signed(secret, now() + 600, jti));
+    let expired = signed(secret, now() - 120, "expired");
+    let from = |client: &'static str, token: &str| {
+        let request = s
+            .client
+            .get(format!("{}/echo/x", s.base))
+            .bearer_auth(token)
+            .header("X-Forwarded-For", client);
+        async move { TestServer::read(request.send().await.unwrap()).await }
+    };
+    let client = "198.51.100.7";
+    assert_eq!(from(client, &used).await.status, 200);
+    well_inside_a_minute(Duration::from_secs(15)).await;
+    // Expired tokens were signed by us: a client's old token is not held against it.
+    for _ in 0..3 {
+        from(client, &expired)
+            .await
+            .assert_error(401, "expired_token");
+    }
+    // Two forged tokens are checked and refused; past the bound, no signature is checked.
+    for _ in 0..2 {
+        from(client, &forged)
+            .await
+            .assert_error(401, "invalid_token");
+    }
+    let refused = from(client, &forged).await;
+    refused.assert_error(429, "rate_limit_exceeded");
+    let retry: u64 = refused
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_default();
+    assert!((1..=60).contains(&retry), "Retry-After {retry}");
+    // A token verified before costs no check and still works; one never seen waits, as an
+    // unknown key would; another address is not affected.
+    assert_eq!(from(client, &used).await.status, 200);
+    from(client, &fresh)
+        .await
+        .assert_error(429, "rate_limit_exceeded");
+    assert_eq!(from("198.51.100.8", &fresh).await.status, 200);
+    assert_eq!(
+        metric(&s.metrics().await, "keyward_invalid_tokens_refused_total"),
+        2.0
+    );
 }
 
 #[tokio::test]
