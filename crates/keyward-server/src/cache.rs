@@ -33,7 +33,7 @@ use keyward_core::ids::KeyId;
 use keyward_core::key::{CompactKey, KeyProfile};
 use keyward_core::key_format::KeyHash;
 use keyward_core::{ErrorCode, Timestamp};
-use keyward_store::{KeyLookup, Store};
+use keyward_store::{KeyChanges, KeyLookup, Store};
 
 use crate::error::{ApiError, ApiResult};
 
@@ -596,11 +596,18 @@ pub async fn follow_changes(
             }
         }
         match store.key_changes_since(seq).await {
-            Ok((keys, next)) => {
-                for key in &keys {
+            Ok(KeyChanges {
+                changed,
+                created,
+                next,
+            }) => {
+                // A new key has nothing cached anywhere: dropping it would only cost the node
+                // that made it, and has it cached already, a store query.
+                for key in &changed {
                     cache.invalidate(key);
                 }
-                if cache.keeps_stored_hashes() && !keys.is_empty() {
+                if cache.keeps_stored_hashes() && !(changed.is_empty() && created.is_empty()) {
+                    let keys: Vec<KeyId> = changed.into_iter().chain(created).collect();
                     match store.secret_hashes_of(&keys).await {
                         Ok(hashes) => cache.add_stored_hashes(&hashes),
                         Err(e) => {

@@ -12,8 +12,8 @@ use keyward_core::key_format::{Environment, KeyHash};
 use sqlx::Row;
 
 use crate::{
-    AuditEntry, Org, Page, Project, SigningKeyRecord, StoreError, StoreResult, UsageCounts,
-    UsageRow, User,
+    AuditEntry, KeyChanges, Org, Page, Project, SigningKeyRecord, StoreError, StoreResult,
+    UsageCounts, UsageRow, User,
 };
 
 pub(crate) fn map_err(error: sqlx::Error) -> StoreError {
@@ -90,6 +90,7 @@ pub(crate) trait Columns {
     fn int(&self, column: &str) -> StoreResult<i64>;
     fn opt_int(&self, column: &str) -> StoreResult<Option<i64>>;
     fn bytes(&self, column: &str) -> StoreResult<Vec<u8>>;
+    fn flag(&self, column: &str) -> StoreResult<bool>;
 }
 
 macro_rules! impl_columns {
@@ -110,12 +111,56 @@ macro_rules! impl_columns {
             fn bytes(&self, column: &str) -> StoreResult<Vec<u8>> {
                 self.try_get(column).map_err(map_err)
             }
+            fn flag(&self, column: &str) -> StoreResult<bool> {
+                self.try_get(column).map_err(map_err)
+            }
         }
     };
 }
 
 impl_columns!(sqlx::sqlite::SqliteRow);
 impl_columns!(sqlx::postgres::PgRow);
+
+/// What a row of `key_changes` records.
+#[derive(Clone, Copy)]
+pub(crate) enum ChangeKind {
+    /// A key whose cached state is stale.
+    Changed,
+    /// A new key: nothing cached to drop, but nodes learn its secret from the feed.
+    Created,
+}
+
+impl ChangeKind {
+    pub(crate) fn is_creation(self) -> bool {
+        matches!(self, Self::Created)
+    }
+}
+
+/// Rows of `key_changes` (`seq`, `key_id`, `created`) read after `after`, in order.
+pub(crate) fn key_changes_from_rows(rows: &[impl Columns], after: i64) -> StoreResult<KeyChanges> {
+    let mut changes = KeyChanges {
+        next: after,
+        ..KeyChanges::default()
+    };
+    for row in rows {
+        changes.next = row.int("seq")?;
+        // No cached key has a non-canonical id, so such a row invalidates nothing; an error
+        // here would stop the feed (and every invalidation) at this row.
+        let Some(id) = KeyId::parse(&row.text("key_id")?) else {
+            tracing::warn!(
+                seq = changes.next,
+                "skipping a key change with a malformed key id"
+            );
+            continue;
+        };
+        if row.flag("created")? {
+            changes.created.push(id);
+        } else {
+            changes.changed.push(id);
+        }
+    }
+    Ok(changes)
+}
 
 /// Secret hashes as stored (32-byte blobs); a row of any other length is skipped, not fatal.
 pub(crate) fn hashes_from_rows(rows: &[impl Columns]) -> StoreResult<Vec<KeyHash>> {
@@ -306,6 +351,9 @@ mod tests {
         }
         fn bytes(&self, _: &str) -> StoreResult<Vec<u8>> {
             Ok(self.0.clone())
+        }
+        fn flag(&self, column: &str) -> StoreResult<bool> {
+            Err(corrupt(column))
         }
     }
 

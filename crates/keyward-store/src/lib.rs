@@ -180,6 +180,17 @@ pub enum RevokeOutcome {
     AlreadyRevoked,
 }
 
+/// A stretch of the key change feed, in order; a key may appear more than once.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct KeyChanges {
+    /// Keys whose cached state is stale: dropped from every cache.
+    pub changed: Vec<KeyId>,
+    /// Keys created: nothing cached to drop, but new secrets to learn.
+    pub created: Vec<KeyId>,
+    /// The sequence number to pass next time.
+    pub next: i64,
+}
+
 /// What the data plane needs to know about a secret.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KeyLookup {
@@ -290,9 +301,10 @@ pub trait Store: Send + Sync + 'static {
     /// The newest change's sequence number (0 when there is none). A node follows the feed
     /// from here, read before it caches anything: older changes concern nothing it holds.
     async fn key_changes_head(&self) -> StoreResult<i64>;
-    /// Keys changed after `after` (a sequence number from [`Store::key_changes_head`] or an
-    /// earlier call), and the sequence number to pass next time.
-    async fn key_changes_since(&self, after: i64) -> StoreResult<(Vec<KeyId>, i64)>;
+    /// Keys changed or created after `after` (a sequence number from
+    /// [`Store::key_changes_head`] or an earlier call), and the sequence number to pass next
+    /// time.
+    async fn key_changes_since(&self, after: i64) -> StoreResult<KeyChanges>;
     /// Drops change records older than `before`.
     async fn prune_key_changes(&self, before: Timestamp) -> StoreResult<()>;
 

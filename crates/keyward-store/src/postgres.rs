@@ -26,13 +26,14 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgConnection, PgPool, Row};
 
 use crate::codec::{
-    HASH_PAGE, MergedUsage, audit_from_row, hashes_from_rows, hashes_in_pages, ips_to_json,
-    key_from_row, map_err, merge_usage, org_from_row, paginate, project_from_row,
-    signing_key_from_row, sql_count, to_json, ts, usage_from_row, user_from_row,
+    ChangeKind, HASH_PAGE, MergedUsage, audit_from_row, hashes_from_rows, hashes_in_pages,
+    ips_to_json, key_changes_from_rows, key_from_row, map_err, merge_usage, org_from_row, paginate,
+    project_from_row, signing_key_from_row, sql_count, to_json, ts, usage_from_row, user_from_row,
 };
 use crate::{
-    AuditEntry, Bootstrap, KeyFilter, KeyLookup, Org, Page, PageRequest, Project, RevokeOutcome,
-    Role, Rotation, SigningKeyRecord, Store, StoreError, StoreResult, UsageRow, User,
+    AuditEntry, Bootstrap, KeyChanges, KeyFilter, KeyLookup, Org, Page, PageRequest, Project,
+    RevokeOutcome, Role, Rotation, SigningKeyRecord, Store, StoreError, StoreResult, UsageRow,
+    User,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -186,13 +187,19 @@ where
 
 /// Notes a change; the transaction must hold the `key_changes` lock.
 /// `key_id` as text: the leaked-secret sweep passes what the row holds.
-async fn note_change<'c, E>(executor: E, key_id: &str, at: Timestamp) -> StoreResult<()>
+async fn note_change<'c, E>(
+    executor: E,
+    key_id: &str,
+    at: Timestamp,
+    kind: ChangeKind,
+) -> StoreResult<()>
 where
     E: sqlx::Executor<'c, Database = sqlx::Postgres>,
 {
-    sqlx::query("INSERT INTO key_changes (key_id, at) VALUES ($1, $2)")
+    sqlx::query("INSERT INTO key_changes (key_id, at, created) VALUES ($1, $2, $3)")
         .bind(key_id)
         .bind(at.as_millis())
+        .bind(kind.is_creation())
         .execute(executor)
         .await
         .map_err(map_err)?;
@@ -347,8 +354,13 @@ impl Store for PgStore {
         lock_key_changes(&mut tx).await?;
         insert_key(&mut *tx, key).await?;
         insert_secret(&mut *tx, hash, &key.id, key.created_at).await?;
-        // Nothing to invalidate, but a node's filter of stored hashes learns the new secret.
-        note_change(&mut *tx, &key.id.to_string(), key.created_at).await?;
+        note_change(
+            &mut *tx,
+            &key.id.to_string(),
+            key.created_at,
+            ChangeKind::Created,
+        )
+        .await?;
         insert_audit(&mut *tx, audit).await?;
         tx.commit().await.map_err(map_err)
     }
@@ -428,7 +440,13 @@ impl Store for PgStore {
             self.get_key(&key.org_id, &key.id).await?;
             return Err(StoreError::Conflict("the key is revoked".into()));
         }
-        note_change(&mut *tx, &key.id.to_string(), audit.created_at).await?;
+        note_change(
+            &mut *tx,
+            &key.id.to_string(),
+            audit.created_at,
+            ChangeKind::Changed,
+        )
+        .await?;
         insert_audit(&mut *tx, audit).await?;
         tx.commit().await.map_err(map_err)
     }
@@ -482,7 +500,7 @@ impl Store for PgStore {
         .await
         .map_err(map_err)?;
         insert_secret(&mut *tx, &rotation.new_hash, id, rotation.now).await?;
-        note_change(&mut *tx, &id.to_string(), rotation.now).await?;
+        note_change(&mut *tx, &id.to_string(), rotation.now, ChangeKind::Changed).await?;
         insert_audit(&mut *tx, audit).await?;
         let row = sqlx::query(SELECT_KEY)
             .bind(org.as_str().to_owned())
@@ -520,7 +538,7 @@ impl Store for PgStore {
             self.get_key(org, id).await?;
             return Ok(RevokeOutcome::AlreadyRevoked);
         }
-        note_change(&mut *tx, &id.to_string(), now).await?;
+        note_change(&mut *tx, &id.to_string(), now, ChangeKind::Changed).await?;
         insert_audit(&mut *tx, audit).await?;
         tx.commit().await.map_err(map_err)?;
         Ok(RevokeOutcome::Revoked)
@@ -608,7 +626,7 @@ impl Store for PgStore {
                 continue;
             }
             revoked += 1;
-            note_change(&mut *tx, &key_id, now).await?;
+            note_change(&mut *tx, &key_id, now, ChangeKind::Changed).await?;
             let entry = AuditEntry {
                 id: AuditId::generate(),
                 org_id: OrgId::from_trusted(org_id),
@@ -625,27 +643,15 @@ impl Store for PgStore {
         Ok(revoked)
     }
 
-    async fn key_changes_since(&self, after: i64) -> StoreResult<(Vec<KeyId>, i64)> {
+    async fn key_changes_since(&self, after: i64) -> StoreResult<KeyChanges> {
         let rows = sqlx::query(
-            "SELECT seq, key_id FROM key_changes WHERE seq > $1 ORDER BY seq LIMIT 10000",
+            "SELECT seq, key_id, created FROM key_changes WHERE seq > $1 ORDER BY seq LIMIT 10000",
         )
         .bind(after)
         .fetch_all(&self.pool)
         .await
         .map_err(map_err)?;
-        let mut last = after;
-        let mut keys = Vec::with_capacity(rows.len());
-        for row in &rows {
-            last = row.try_get("seq").map_err(map_err)?;
-            let text: &str = row.try_get("key_id").map_err(map_err)?;
-            // No cached key has a non-canonical id, so such a row invalidates nothing; an
-            // error here would stop the feed (and every invalidation) at this row.
-            match KeyId::parse(text) {
-                Some(id) => keys.push(id),
-                None => tracing::warn!(seq = last, "skipping a key change with a malformed key id"),
-            }
-        }
-        Ok((keys, last))
+        key_changes_from_rows(&rows, after)
     }
 
     async fn key_changes_head(&self) -> StoreResult<i64> {

@@ -5,8 +5,8 @@ use keyward_core::ids::{AuditId, KeyId, OrgId, ProjectId};
 use keyward_core::key::{ApiKey, KeyState, SecretValidity};
 use keyward_core::key_format::{Environment, KeyHash};
 use keyward_store::{
-    AuditEntry, Bootstrap, KeyFilter, Org, PageRequest, Project, RevokeOutcome, Rotation, Store,
-    StoreError,
+    AuditEntry, Bootstrap, KeyChanges, KeyFilter, Org, PageRequest, Project, RevokeOutcome,
+    Rotation, Store, StoreError,
 };
 
 const T0: Timestamp = Timestamp::from_millis(1_800_000_000_000);
@@ -475,9 +475,14 @@ pub async fn key_changes_are_fed_in_order(store: Arc<dyn Store>) {
     let start = store.key_changes_head().await.unwrap();
     assert!(start > 0);
     // A node starting now follows from the head: the earlier change does not come back.
-    let (none, same_start) = store.key_changes_since(start).await.unwrap();
-    assert!(none.is_empty());
-    assert_eq!(same_start, start);
+    let none = store.key_changes_since(start).await.unwrap();
+    assert_eq!(
+        none,
+        KeyChanges {
+            next: start,
+            ..KeyChanges::default()
+        }
+    );
     let mut patched = k.clone();
     patched.name = "x".into();
     store
@@ -488,12 +493,19 @@ pub async fn key_changes_are_fed_in_order(store: Arc<dyn Store>) {
         .revoke_key(&org.id, &k.id, T0, &audit(&org.id, "key.revoked", T0))
         .await
         .unwrap();
-    let (changed, next) = store.key_changes_since(start).await.unwrap();
-    assert_eq!(changed, vec![k.id, k.id]);
+    let changes = store.key_changes_since(start).await.unwrap();
+    assert_eq!(changes.changed, vec![k.id, k.id]);
+    assert!(changes.created.is_empty());
+    let next = changes.next;
     assert!(next > start);
-    let (again, same) = store.key_changes_since(next).await.unwrap();
-    assert!(again.is_empty());
-    assert_eq!(same, next);
+    let again = store.key_changes_since(next).await.unwrap();
+    assert_eq!(
+        again,
+        KeyChanges {
+            next,
+            ..KeyChanges::default()
+        }
+    );
     assert_eq!(store.key_changes_head().await.unwrap(), next);
     store.prune_key_changes(T0.plus_secs(1)).await.unwrap();
 }
@@ -632,9 +644,11 @@ pub async fn secret_hashes_are_listed_and_creations_fed(store: Arc<dyn Store>) {
         .create_key(&second, &hash(7), &audit(&org.id, "key.created", T0))
         .await
         .unwrap();
-    // A creation is in the feed: a node's filter of stored hashes learns of it there.
-    let (changed, _) = store.key_changes_since(start).await.unwrap();
-    assert_eq!(changed, vec![second.id]);
+    // A creation is in the feed, as such: a node's filter of stored hashes learns of it
+    // there, and no cache drops anything for it.
+    let changes = store.key_changes_since(start).await.unwrap();
+    assert_eq!(changes.created, vec![second.id]);
+    assert!(changes.changed.is_empty());
     let t1 = T0.plus_secs(10);
     let rotation = Rotation {
         new_hash: hash(2),

@@ -223,9 +223,9 @@ async fn the_change_feed_misses_nothing_while_nodes_write_concurrently() {
     let follow = tokio::spawn(async move {
         let (mut seen, mut after) = (0, start);
         loop {
-            let (changed, next) = poller.key_changes_since(after).await.unwrap();
-            seen += changed.len();
-            after = next;
+            let changes = poller.key_changes_since(after).await.unwrap();
+            seen += changes.changed.len();
+            after = changes.next;
             if seen >= WRITERS * PATCHES {
                 return seen;
             }

@@ -37,6 +37,14 @@ impl Reply {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 
+    /// The seconds of `Retry-After`; panics when it is missing or not a number.
+    pub fn retry_after(&self) -> u64 {
+        let value = self.header("retry-after").expect("a Retry-After header");
+        value
+            .parse()
+            .unwrap_or_else(|_| panic!("Retry-After {value:?}"))
+    }
+
     /// The `error.code` of a nested envelope.
     pub fn code(&self) -> &str {
         self.body["error"]["code"].as_str().unwrap_or("")
@@ -223,6 +231,17 @@ impl TestServer {
             req = req.json(&body);
         }
         Self::read(req.send().await.unwrap()).await
+    }
+
+    /// A GET with `key` that claims to come from `client` (`X-Forwarded-For`), as a trusted
+    /// proxy in front would say.
+    pub async fn get_from(&self, path: &str, key: &str, client: &str) -> Reply {
+        let request = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(key)
+            .header("X-Forwarded-For", client);
+        Self::read(request.send().await.unwrap()).await
     }
 
     pub async fn read(resp: reqwest::Response) -> Reply {

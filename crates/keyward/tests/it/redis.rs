@@ -601,7 +601,7 @@ async fn admitted(s: &TestServer, key: &str) {
 async fn refused(s: &TestServer, key: &str) -> u64 {
     let r = s.call(Method::GET, "/echo/x", Some(key), None).await;
     r.assert_error(429, "rate_limit_exceeded");
-    r.header("retry-after").unwrap().parse().unwrap()
+    r.retry_after()
 }
 
 async fn backend_errors(s: &TestServer) -> f64 {

@@ -379,14 +379,7 @@ async fn an_address_sending_forged_tokens_is_cut_off_from_signature_checks() {
     let [used, fresh, forged] = [(secret, "used"), (secret, "fresh"), (forger, "forged")]
         .map(|(secret, jti)| signed(secret, now() + 600, jti));
     let expired = signed(secret, now() - 120, "expired");
-    let from = |client: &'static str, token: &str| {
-        let request = s
-            .client
-            .get(format!("{}/echo/x", s.base))
-            .bearer_auth(token)
-            .header("X-Forwarded-For", client);
-        async move { TestServer::read(request.send().await.unwrap()).await }
-    };
+    let from = async |client: &str, token: &str| s.get_from("/echo/x", token, client).await;
     let client = "198.51.100.7";
     assert_eq!(from(client, &used).await.status, 200);
     well_inside_a_minute(Duration::from_secs(15)).await;
@@ -404,10 +397,7 @@ async fn an_address_sending_forged_tokens_is_cut_off_from_signature_checks() {
     }
     let refused = from(client, &forged).await;
     refused.assert_error(429, "rate_limit_exceeded");
-    let retry: u64 = refused
-        .header("retry-after")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_default();
+    let retry = refused.retry_after();
     assert!((1..=60).contains(&retry), "Retry-After {retry}");
     // A token verified before costs no check and still works; one never seen waits, as an
     // unknown key would; another address is not affected.
