@@ -20,6 +20,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::extract::ClientIp;
 use crate::limits::LimitReport;
 use crate::state::AppState;
+use crate::tokens::Remembered;
 use crate::usage::Outcome;
 
 /// The scope the management API requires.
@@ -179,7 +180,7 @@ pub async fn authenticate(
     required_scopes: &[String],
 ) -> ApiResult<Principal> {
     let token = extract_credential(headers, &state.config.auth)?;
-    verify_token(state, token, client_ip, route, required_scopes).await
+    verify_token(state, token, client_ip, client_ip, route, required_scopes).await
 }
 
 /// As [`authenticate`], and on the internal listener a proxy-auth JWT stands in for a key.
@@ -232,23 +233,26 @@ async fn verify_proxy_auth(
     })
 }
 
-/// Steps 1 (well-formed) to 5 for a credential already taken from the request.
+/// Steps 1 (well-formed) to 5 for a credential already taken from the request. The key's
+/// IP rules see `client_ip`; unknown credentials are charged to `caller`, the address the
+/// request came from (trusted proxies considered), never one a request body names.
 pub async fn verify_token(
     state: &AppState,
     token: &[u8],
     client_ip: IpAddr,
+    caller: IpAddr,
     route: Option<&str>,
     required_scopes: &[String],
 ) -> ApiResult<Principal> {
     if crate::tokens::looks_like_jwt(token) {
-        return verify_jwt(state, token, client_ip, route, required_scopes).await;
+        return verify_jwt(state, token, client_ip, caller, route, required_scopes).await;
     }
     if !is_well_formed(token, state.config.keys.format) {
         return Err(ApiError::new(ErrorCode::InvalidApiKey));
     }
     let hash = KeyHash::of(token);
     let now = state.clock.now();
-    let Some(key) = cache::resolve(&state.keys, &*state.store, &hash, client_ip, now).await? else {
+    let Some(key) = cache::resolve(&state.keys, &*state.store, &hash, caller, now).await? else {
         return Err(ApiError::new(ErrorCode::InvalidApiKey));
     };
     let access = Access {
@@ -274,6 +278,7 @@ async fn verify_jwt(
     state: &AppState,
     token: &[u8],
     client_ip: IpAddr,
+    caller: IpAddr,
     route: Option<&str>,
     required_scopes: &[String],
 ) -> ApiResult<Principal> {
@@ -281,22 +286,25 @@ async fn verify_jwt(
     let tokens = state.tokens.as_ref().ok_or_else(invalid)?;
     let token = std::str::from_utf8(token).map_err(|_| invalid())?;
     let now = state.clock.now();
-    // A token that fails its checks counts against its address's unknown credentials, like
-    // an unknown key: each costs a signature check (~40 µs), more than a proxied request.
-    // Only signed tokens can expire, so an expired one is not held against its client.
-    let client = keyward_core::ip::client_network(client_ip);
-    let verified = tokens
-        .verify_access(token, now, || {
+    let verified = match tokens.remembered(token, now) {
+        Remembered::Valid(access) => access,
+        Remembered::Expired => return Err(ApiError::new(ErrorCode::ExpiredToken)),
+        Remembered::Unknown(digest) => {
+            // A forged signature counts against its caller's unknown credentials, like an
+            // unknown key: each costs a signature check (~40 µs), more than a proxied request.
+            let caller = keyward_core::ip::client_network(caller);
             state
                 .keys
-                .refuse_if_spent(client, now)
-                .inspect_err(|_| crate::metrics::invalid_tokens_refused())
-        })
-        .inspect_err(|e| {
-            if e.code == ErrorCode::InvalidToken {
-                state.keys.charge_invalid_token(client, now);
-            }
-        })?;
+                .refuse_if_spent(caller, now)
+                .inspect_err(|_| crate::metrics::invalid_tokens_refused())?;
+            tokens.check_access(digest, token, now).map_err(|refused| {
+                if refused.bad_signature {
+                    state.keys.charge_invalid_token(caller, now);
+                }
+                refused.error
+            })?
+        }
+    };
     let claims = &verified.claims;
     let Some(key) = cache::resolve_id(&state.keys, &*state.store, &verified.key_id).await? else {
         return Err(invalid());

@@ -70,8 +70,8 @@ impl BuildHasher for PassThrough {
 pub struct CacheSettings {
     pub negative_capacity: usize,
     pub negative_ttl_ms: i64,
-    /// Unknown credentials (store queries that found nothing, tokens that failed their checks)
-    /// per client (IPv4 address or IPv6 /64) and minute; 0: no bound.
+    /// Unknown credentials (store queries that found nothing, forged token signatures) per
+    /// client (IPv4 address or IPv6 /64) and minute; 0: no bound.
     pub unknown_per_client: u32,
     /// Store queries that found nothing on this node per minute, past which only keys in the
     /// set of stored hash prefixes are queried; 0: no bound.
@@ -351,7 +351,7 @@ impl KeyCache {
         self.charge_client(client, minute);
     }
 
-    /// Counts a token that failed verification against its client's unknown credentials
+    /// Counts a forged token signature against its client's unknown credentials
     /// (not against the node's bound, which guards the store and its set of stored hashes).
     pub fn charge_invalid_token(&self, client: IpAddr, now: Timestamp) {
         self.charge_client(client, now.as_millis().div_euclid(60_000));

@@ -189,8 +189,8 @@ pub struct UsageConfig {
 pub struct CacheConfig {
     pub negative_capacity: usize,
     pub negative_ttl_seconds: u64,
-    /// Store queries that found nothing and access tokens that failed their checks, per client
-    /// (IPv4 address, IPv6 /64) and minute (0: no bound).
+    /// Store queries that found nothing and access tokens whose signature did not check out,
+    /// per client (IPv4 address, IPv6 /64) and minute (0: no bound).
     pub unknown_keys_per_client: u32,
     /// Store queries that found nothing on this node per minute, past which only keys whose
     /// hash is stored are queried (0: no bound).

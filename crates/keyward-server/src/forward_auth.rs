@@ -105,13 +105,15 @@ pub async fn verify(
     };
     let mut scopes = route.map(|r| r.scopes.clone()).unwrap_or_default();
     scopes.extend(input.scopes.iter().cloned());
-    let ip = input
-        .ip
-        .unwrap_or_else(|| client_ip(peer.ip(), &headers, &state.config.server.trusted_proxies));
+    let caller = client_ip(peer.ip(), &headers, &state.config.server.trusted_proxies);
+    // `ip` is the end user's address for the key's IP rules; what unknown credentials cost
+    // is charged to the caller, which a body cannot choose.
+    let ip = input.ip.unwrap_or(caller);
     let verdict = verify_token(
         &state,
         input.key.as_bytes(),
         ip,
+        caller,
         route.map(|r| r.name.as_str()),
         &scopes,
     )

@@ -143,6 +143,35 @@ pub struct VerifiedAccess {
 /// Verified access tokens remembered at most; past it the memory starts over.
 const VERIFIED_CAPACITY: usize = 100_000;
 
+/// How long a token stays remembered after it expired: replaying it costs a lookup, not a
+/// signature check.
+const EXPIRED_REMEMBERED_SECS: i64 = 3600;
+
+/// What the memory of checked tokens holds about one.
+enum Checked {
+    Valid(Arc<VerifiedAccess>),
+    /// Signed by us but expired; forgotten after `forget_at` (Unix seconds).
+    Expired {
+        forget_at: i64,
+    },
+}
+
+/// What the memory of checked tokens says about a token.
+pub enum Remembered {
+    Valid(Arc<VerifiedAccess>),
+    Expired,
+    /// Never checked (or forgotten): [`TokenService::check_access`] needs its digest.
+    Unknown(KeyHash),
+}
+
+/// A token refused by [`TokenService::check_access`].
+pub struct Refused {
+    pub error: ApiError,
+    /// Its signature was checked and did not match: what a client's bound on failed checks
+    /// counts (the other refusals cost little).
+    pub bad_signature: bool,
+}
+
 /// The header that carries the identity token to upstreams.
 pub const IDENTITY_HEADER: &str = "x-keyward-identity";
 
@@ -263,8 +292,8 @@ pub struct TokenService {
     /// and half-minute instead of one per request.
     identities: dashmap::DashMap<String, CachedIdentity, foldhash::fast::RandomState>,
     key_identities: dashmap::DashMap<usize, KeyIdentity, foldhash::fast::RandomState>,
-    /// Access tokens whose signature and claims checked out, by SHA-256 of the token.
-    verified: dashmap::DashMap<KeyHash, Arc<VerifiedAccess>, crate::cache::PassThrough>,
+    /// Access tokens whose signature checked out, by SHA-256 of the token.
+    verified: dashmap::DashMap<KeyHash, Checked, crate::cache::PassThrough>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -563,43 +592,82 @@ impl TokenService {
         self.identities
             .retain(|_, entry| !entry.renew_at.is_due(now));
         let now_secs = now.as_secs();
-        self.verified
-            .retain(|_, v| now_secs <= v.claims.exp + LEEWAY_SECS as i64);
+        self.verified.retain(|_, checked| {
+            if let Checked::Valid(access) = checked {
+                let expired_at = access.claims.exp + LEEWAY_SECS as i64;
+                if now_secs > expired_at {
+                    *checked = Checked::Expired {
+                        forget_at: expired_at + EXPIRED_REMEMBERED_SECS,
+                    };
+                }
+            }
+            match checked {
+                Checked::Valid(_) => true,
+                Checked::Expired { forget_at } => now_secs <= *forget_at,
+            }
+        });
     }
 
     /// Verifies an access token: signature with one of our keys, the configured algorithm,
     /// `typ`, `iss`, `aud`, `exp`/`nbf` with 30 s leeway. Expired → `expired_token`;
     /// anything else → `invalid_token`.
     ///
-    /// A token that verified is remembered (by its SHA-256) until it expires: checking the
-    /// signature costs ~40 µs, the lookup well under one. Only verified tokens get in, so
-    /// random tokens cannot fill the memory; it is bounded and emptied when the signing keys
-    /// change. The key's state is checked on every use by the caller, as before.
-    ///
-    /// `before_checking` runs only for a token not verified before, ahead of the checks, and
-    /// may refuse it: the caller's bound on the signatures an address makes it check.
-    pub fn verify_access(
+    /// A token whose signature checked out is remembered (by its SHA-256) until an hour
+    /// after it expires: checking the signature costs ~40 µs, the lookup well under one.
+    /// Only tokens we signed get in, so random tokens cannot fill the memory; it is bounded
+    /// and emptied when the signing keys change. The key's state is checked on every use by
+    /// the caller, as before. The gateway uses [`Self::remembered`] and
+    /// [`Self::check_access`], with a bound on failed checks in between.
+    pub fn verify_access(&self, token: &str, now: Timestamp) -> ApiResult<Arc<VerifiedAccess>> {
+        match self.remembered(token, now) {
+            Remembered::Valid(access) => Ok(access),
+            Remembered::Expired => Err(ApiError::new(ErrorCode::ExpiredToken)),
+            Remembered::Unknown(digest) => self
+                .check_access(digest, token, now)
+                .map_err(|refused| refused.error),
+        }
+    }
+
+    /// What the memory of checked tokens holds about `token`.
+    pub fn remembered(&self, token: &str, now: Timestamp) -> Remembered {
+        let digest = KeyHash::of(token.as_bytes());
+        match self.verified.get(&digest).as_deref() {
+            None => Remembered::Unknown(digest),
+            Some(Checked::Valid(access))
+                if now.as_secs() <= access.claims.exp + LEEWAY_SECS as i64 =>
+            {
+                Remembered::Valid(access.clone())
+            }
+            Some(_) => Remembered::Expired,
+        }
+    }
+
+    /// Checks a token [`Self::remembered`] did not know, and remembers it if we signed it.
+    pub fn check_access(
         &self,
+        digest: KeyHash,
         token: &str,
         now: Timestamp,
-        before_checking: impl FnOnce() -> ApiResult<()>,
-    ) -> ApiResult<Arc<VerifiedAccess>> {
-        let digest = KeyHash::of(token.as_bytes());
-        if let Some(hit) = self.verified.get(&digest) {
-            if now.as_secs() > hit.claims.exp + LEEWAY_SECS as i64 {
-                drop(hit);
-                self.verified.remove(&digest);
-                return Err(ApiError::new(ErrorCode::ExpiredToken));
-            }
-            return Ok(hit.clone());
-        }
-        before_checking()?;
-        let verified = Arc::new(self.verify_access_signature(token, now)?);
+    ) -> Result<Arc<VerifiedAccess>, Refused> {
+        let checked = match self.verify_access_signature(token, now) {
+            Ok(access) => Checked::Valid(Arc::new(access)),
+            Err(refused) if refused.error.code == ErrorCode::ExpiredToken => Checked::Expired {
+                forget_at: now.as_secs() + EXPIRED_REMEMBERED_SECS,
+            },
+            Err(refused) => return Err(refused),
+        };
         if self.verified.len() >= VERIFIED_CAPACITY {
             self.verified.clear();
         }
-        self.verified.insert(digest, verified.clone());
-        Ok(verified)
+        let verdict = match &checked {
+            Checked::Valid(access) => Ok(access.clone()),
+            Checked::Expired { .. } => Err(Refused {
+                error: ApiError::new(ErrorCode::ExpiredToken),
+                bad_signature: false,
+            }),
+        };
+        self.verified.insert(digest, checked);
+        verdict
     }
 
     /// [`Self::verify_access`] without the memory of verified tokens: every check, every time.
@@ -607,17 +675,20 @@ impl TokenService {
         &self,
         token: &str,
         now: Timestamp,
-    ) -> ApiResult<VerifiedAccess> {
-        let invalid = || ApiError::new(ErrorCode::InvalidToken);
+    ) -> Result<VerifiedAccess, Refused> {
+        let invalid = || Refused {
+            error: ApiError::new(ErrorCode::InvalidToken),
+            bad_signature: false,
+        };
         let header = jsonwebtoken::decode_header(token).map_err(|_| invalid())?;
         if header.alg != self.algorithm || header.typ.as_deref() != Some(ACCESS_TYP) {
             return Err(invalid());
         }
         let kid = header.kid.ok_or_else(invalid)?;
-        let keys = self
-            .keys
-            .read()
-            .map_err(|_| ApiError::internal("token keys lock poisoned"))?;
+        let keys = self.keys.read().map_err(|_| Refused {
+            error: ApiError::internal("token keys lock poisoned"),
+            bad_signature: false,
+        })?;
         let verifier = keys.verifiers.get(&kid).ok_or_else(invalid)?;
         if verifier.valid_until.is_some_and(|until| until <= now) {
             return Err(invalid());
@@ -628,9 +699,17 @@ impl TokenService {
         validation.set_issuer(&[&self.config.issuer]);
         validation.set_audience(&[&self.config.audience]);
         validation.set_required_spec_claims(&["exp", "nbf", "iss", "aud", "sub"]);
+        // The signature is checked before the claims: an expired token is one we signed.
         let data = jsonwebtoken::decode::<AccessClaims>(token, &verifier.key, &validation)
             .map_err(|e| match e.kind() {
-                ErrorKind::ExpiredSignature => ApiError::new(ErrorCode::ExpiredToken),
+                ErrorKind::ExpiredSignature => Refused {
+                    error: ApiError::new(ErrorCode::ExpiredToken),
+                    bad_signature: false,
+                },
+                ErrorKind::InvalidSignature => Refused {
+                    error: ApiError::new(ErrorCode::InvalidToken),
+                    bad_signature: true,
+                },
                 _ => invalid(),
             })?;
         let key_id = KeyId::parse(&data.claims.key_id).ok_or_else(invalid)?;

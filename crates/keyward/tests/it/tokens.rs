@@ -378,37 +378,61 @@ async fn an_address_sending_forged_tokens_is_cut_off_from_signature_checks() {
     let forger = "another-secret-of-at-least-32-bytes!!!";
     let [used, fresh, forged] = [(secret, "used"), (secret, "fresh"), (forger, "forged")]
         .map(|(secret, jti)| signed(secret, now() + 600, jti));
-    let expired = signed(secret, now() - 120, "expired");
+    let [expired, expired_elsewhere] =
+        ["expired", "expired elsewhere"].map(|jti| signed(secret, now() - 120, jti));
     let from = async |client: &str, token: &str| s.get_from("/echo/x", token, client).await;
     let client = "198.51.100.7";
     assert_eq!(from(client, &used).await.status, 200);
     well_inside_a_minute(Duration::from_secs(15)).await;
-    // Expired tokens were signed by us: a client's old token is not held against it.
+    // Expired tokens were signed by us: a client's old token is not held against it (and,
+    // remembered, costs no check the second time). Refusals that need no signature check
+    // (an undecodable header, an unknown `kid`) cost little and are not counted either.
     for _ in 0..3 {
         from(client, &expired)
             .await
             .assert_error(401, "expired_token");
     }
-    // Two forged tokens are checked and refused; past the bound, no signature is checked.
-    for _ in 0..2 {
-        from(client, &forged)
-            .await
-            .assert_error(401, "invalid_token");
+    let unknown_kid = tool(&["rekid", &used]);
+    for cheap in ["eyJhbGciOiJFZERTQSJ9.e30.", &unknown_kid, "eyJ.x.y"] {
+        from(client, cheap).await.assert_error(401, "invalid_token");
     }
+    // A body's `ip` (the end user's, for the key's IP rules) does not choose who is charged:
+    // `/v1/verify` charges the address the request came from.
+    let verify_from = async |client: &str, ip: &str| {
+        let request = s
+            .client
+            .post(format!("{}/v1/verify", s.base))
+            .header("X-Forwarded-For", client)
+            .json(&json!({"key": forged, "ip": ip}));
+        TestServer::read(request.send().await.unwrap()).await
+    };
+    let r = verify_from(client, "203.0.113.1").await;
+    assert_eq!(r.body, json!({"valid": false, "code": "invalid_token"}));
+    // The second forged signature is checked and refused; past the bound, none is checked.
+    from(client, &forged)
+        .await
+        .assert_error(401, "invalid_token");
+    let r = verify_from(client, "203.0.113.2").await;
+    assert_eq!(r.body["code"], "rate_limit_exceeded", "{}", r.text);
     let refused = from(client, &forged).await;
     refused.assert_error(429, "rate_limit_exceeded");
     let retry = refused.retry_after();
     assert!((1..=60).contains(&retry), "Retry-After {retry}");
-    // A token verified before costs no check and still works; one never seen waits, as an
-    // unknown key would; another address is not affected.
+    // Tokens checked before cost no check and are answered as before; one never seen
+    // waits, as an unknown key would; another address is not affected.
     assert_eq!(from(client, &used).await.status, 200);
-    from(client, &fresh)
+    from(client, &expired)
         .await
-        .assert_error(429, "rate_limit_exceeded");
+        .assert_error(401, "expired_token");
+    for never_seen in [&fresh, &expired_elsewhere] {
+        from(client, never_seen)
+            .await
+            .assert_error(429, "rate_limit_exceeded");
+    }
     assert_eq!(from("198.51.100.8", &fresh).await.status, 200);
     assert_eq!(
         metric(&s.metrics().await, "keyward_invalid_tokens_refused_total"),
-        2.0
+        4.0
     );
 }
 
