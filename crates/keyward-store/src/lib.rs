@@ -233,7 +233,8 @@ pub struct Bootstrap {
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Applies pending migrations.
+    /// Applies pending migrations; applied ones it does not know (a newer release's) are
+    /// ignored. So a migration may only add: an older node must keep working after it.
     async fn migrate(&self) -> StoreResult<()>;
 
     /// Writes `bootstrap` only if the store holds no organisation yet; says whether it did.

@@ -36,7 +36,14 @@ use crate::{
     User,
 };
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+/// The schema's migrations. A node one release behind may start on a schema a newer node
+/// has migrated (a rolling upgrade, a rollback): migrations only ever add, so the ones it does
+/// not know are ignored rather than refused.
+fn migrator() -> sqlx::migrate::Migrator {
+    let mut migrator = sqlx::migrate!("./migrations/postgres");
+    migrator.set_ignore_missing(true);
+    migrator
+}
 
 /// Connections per node. Storage is off the hot path (keys are cached, usage is batched), so a
 /// few suffice, and many nodes can share one server's `max_connections`.
@@ -212,7 +219,7 @@ const SELECT_KEY: &str = "SELECT * FROM api_keys WHERE org_id = $1 AND id = $2";
 impl Store for PgStore {
     async fn migrate(&self) -> StoreResult<()> {
         // sqlx holds an advisory lock while it migrates, so nodes starting together take turns.
-        MIGRATOR
+        migrator()
             .run(&self.pool)
             .await
             .map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))

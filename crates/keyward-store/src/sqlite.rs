@@ -23,7 +23,14 @@ use crate::{
     User,
 };
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+/// The schema's migrations. A node one release behind may start on a schema a newer node
+/// has migrated (a rolling upgrade, a rollback): migrations only ever add, so the ones it does
+/// not know are ignored rather than refused.
+fn migrator() -> sqlx::migrate::Migrator {
+    let mut migrator = sqlx::migrate!("./migrations/sqlite");
+    migrator.set_ignore_missing(true);
+    migrator
+}
 
 /// Rows per multi-row statement: 6 parameters each, well under SQLite's 32,766.
 const ROWS_PER_STATEMENT: usize = 1_000;
@@ -186,7 +193,7 @@ const SELECT_KEY: &str = "SELECT * FROM api_keys WHERE org_id = ? AND id = ?";
 #[async_trait]
 impl Store for SqliteStore {
     async fn migrate(&self) -> StoreResult<()> {
-        MIGRATOR
+        migrator()
             .run(&self.pool)
             .await
             .map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))

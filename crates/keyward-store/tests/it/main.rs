@@ -123,3 +123,44 @@ async fn postgres_key_feed_skips_a_malformed_id() {
     pool.close().await;
     db.drop().await;
 }
+
+/// A node one release behind starts on a schema a newer release has migrated further (a
+/// rolling upgrade, a rollback).
+async fn an_older_node_starts_on_a_newer_schema(store: impl Store) {
+    store
+        .migrate()
+        .await
+        .unwrap_or_else(|e| panic!("an older node's migrate: {e}"));
+    assert_eq!(store.key_changes_head().await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn sqlite_an_older_node_starts_on_a_newer_schema() {
+    let (dir, _) = sqlite().await;
+    let url = format!("sqlite://{}/nested/keyward.db", dir.path().display());
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (9999, 'a newer release', TRUE, x'00', 0)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    an_older_node_starts_on_a_newer_schema(SqliteStore::open(&url).await.unwrap()).await;
+}
+
+#[tokio::test]
+async fn postgres_an_older_node_starts_on_a_newer_schema() {
+    let (db, _) = postgres().await;
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (9999, 'a newer release', TRUE, '\\x00'::bytea, 0)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    an_older_node_starts_on_a_newer_schema(PgStore::open(&db.url).await.unwrap()).await;
+    pool.close().await;
+    db.drop().await;
+}
