@@ -291,15 +291,25 @@ async fn verify_jwt(
         Remembered::Expired => return Err(ApiError::new(ErrorCode::ExpiredToken)),
         Remembered::Unknown(digest) => {
             // A forged signature counts against its caller's unknown credentials, like an
-            // unknown key: each costs a signature check (~40 µs), more than a proxied request.
+            // unknown key, and against the node's bound on forgeries (`forgery.rs`): each
+            // costs a signature check (~40 µs), more than a proxied request.
             let caller = keyward_core::ip::client_network(caller);
+            let claimed = crate::tokens::claimed_key_id(token);
             state
                 .keys
                 .refuse_if_spent(caller, now)
+                .and_then(|()| {
+                    state.forgeries.may_check(
+                        claimed.as_ref(),
+                        |key| state.keys.has_key_id(key),
+                        now,
+                    )
+                })
                 .inspect_err(|_| crate::metrics::invalid_tokens_refused())?;
             tokens.check_access(digest, token, now).map_err(|refused| {
                 if refused.bad_signature {
                     state.keys.charge_invalid_token(caller, now);
+                    state.forgeries.charge(claimed.as_ref(), now);
                 }
                 refused.error
             })?

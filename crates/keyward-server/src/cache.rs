@@ -287,6 +287,11 @@ impl KeyCache {
         slot.clone()
     }
 
+    /// Whether the key is cached by id (as tokens naming it find it).
+    pub fn has_key_id(&self, key_id: &KeyId) -> bool {
+        self.by_id.contains_key(key_id)
+    }
+
     /// Forgets everything cached about a key (all its secrets).
     pub fn invalidate(&self, key_id: &KeyId) {
         self.epoch.fetch_add(1, Ordering::AcqRel);

@@ -195,6 +195,9 @@ pub struct CacheConfig {
     /// Store queries that found nothing on this node per minute, past which only keys whose
     /// hash is stored are queried (0: no bound).
     pub unknown_keys_per_node: u32,
+    /// Forged token signatures on this node per minute, past which a new token is checked
+    /// only if the key it names is cached and has few failures (0: no bound).
+    pub forged_tokens_per_node: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -403,6 +406,7 @@ const KNOWN_KEYS: &[&str] = &[
     "cache.negative_ttl_seconds",
     "cache.unknown_keys_per_client",
     "cache.unknown_keys_per_node",
+    "cache.forged_tokens_per_node",
     "log.format",
     "log.level",
 ];
@@ -718,6 +722,7 @@ fn build(figment: &Figment) -> Result<Config, ConfigErrors> {
     let negative_ttl_seconds: u64 = r.get("cache.negative_ttl_seconds", 60);
     let unknown_keys_per_client: u32 = r.get("cache.unknown_keys_per_client", 1_000);
     let unknown_keys_per_node: u32 = r.get("cache.unknown_keys_per_node", 10_000);
+    let forged_tokens_per_node: u32 = r.get("cache.forged_tokens_per_node", 10_000);
 
     let ttl_seconds: u64 = r.get("tokens.ttl_seconds", 900);
     if !(60..=3600).contains(&ttl_seconds) {
@@ -818,6 +823,7 @@ fn build(figment: &Figment) -> Result<Config, ConfigErrors> {
             negative_ttl_seconds,
             unknown_keys_per_client,
             unknown_keys_per_node,
+            forged_tokens_per_node,
         },
         tokens: TokensConfig {
             ttl_seconds,

@@ -10,6 +10,7 @@ pub mod config;
 pub mod data_plane;
 pub mod error;
 pub mod extract;
+pub mod forgery;
 pub mod forward_auth;
 pub mod front;
 pub mod lifecycle;

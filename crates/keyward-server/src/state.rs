@@ -6,6 +6,7 @@ use keyward_store::Store;
 use crate::cache::{CacheSettings, KeyCache};
 use crate::config::Config;
 use crate::error::ErrorRenderer;
+use crate::forgery::ForgeryGuard;
 use crate::limits::Limiter;
 use crate::routes::RouteTable;
 use crate::usage::UsageRecorder;
@@ -37,6 +38,7 @@ pub struct AppStateInner {
     pub limiter: Arc<Limiter>,
     /// JWT issuing and verification; absent in local CLI commands.
     pub tokens: Option<Arc<crate::tokens::TokenService>>,
+    pub forgeries: Arc<ForgeryGuard>,
 }
 
 impl AppState {
@@ -49,6 +51,7 @@ impl AppState {
             unknown_per_client: config.cache.unknown_keys_per_client,
             unknown_per_node: config.cache.unknown_keys_per_node,
         }));
+        let forgeries = Arc::new(ForgeryGuard::new(config.cache.forged_tokens_per_node));
         let routes = Arc::new(RouteTable::new(&config.routes));
         // The keys' rate-limit logs and usage counts share one map entry per key.
         let usage = Arc::new(UsageRecorder::default());
@@ -67,6 +70,7 @@ impl AppState {
             routes,
             limiter,
             tokens: None,
+            forgeries,
         };
         Self {
             inner: Arc::new(inner),

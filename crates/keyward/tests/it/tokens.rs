@@ -437,6 +437,77 @@ async fn an_address_sending_forged_tokens_is_cut_off_from_signature_checks() {
 }
 
 #[tokio::test]
+async fn past_the_nodes_bound_only_tokens_naming_a_known_key_are_checked() {
+    let secret = "an-hs256-secret-of-at-least-32-bytes!!";
+    let s = TestServer::start_with_config(
+        "[server]\ntrusted_proxies = [\"127.0.0.1/32\"]\n\
+         [cache]\nunknown_keys_per_client = 0\nforged_tokens_per_node = 3\n",
+        &[
+            ("KEYWARD_TOKENS__ALGORITHM", "HS256"),
+            ("KEYWARD_TOKENS__HS256_SECRET", secret),
+        ],
+    )
+    .await;
+    let org = s.admin(Method::GET, "/v1/org", None).await.body["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let signed = |secret: &str, key_id: &str, jti: &str| {
+        let exp = now() + 600;
+        let claims = json!({"iss": "http://localhost:8080", "sub": key_id, "aud": "keyward",
+            "org_id": org, "project_id": "proj_01JZZZZZZZZZZZZZZZZZZZZZZZ", "key_id": key_id,
+            "scopes": ["inference"], "iat": exp - 900, "nbf": exp - 900, "exp": exp, "jti": jti})
+        .to_string();
+        tool(&["hs256", secret, &claims, "kw-access+jwt"])
+    };
+    let forger = "another-secret-of-at-least-32-bytes!!!";
+    // The flood copies the claims of a token for key `copied`; `other` is a key in use too.
+    let (copied, _) = s.create_key(json!({"scopes": ["inference"]})).await;
+    let (other, _) = s.create_key(json!({"scopes": ["inference"]})).await;
+    let [copied_used, copied_fresh] = ["used", "fresh"].map(|jti| signed(secret, &copied, jti));
+    let [other_used, other_fresh] = ["used", "fresh"].map(|jti| signed(secret, &other, jti));
+    let forged: Vec<String> = (0..11)
+        .map(|n| signed(forger, &copied, &format!("forged {n}")))
+        .collect();
+    let made_up = signed(forger, "key_01JZZZZZZZZZZZZZZZZZZZZZZZ", "made up");
+    let mut client = 0u8;
+    let mut from_a_new_client = async |token: &str| {
+        client += 1;
+        let address = format!("198.51.100.{client}");
+        s.get_from("/echo/x", token, &address).await
+    };
+    for used in [&copied_used, &other_used] {
+        assert_eq!(from_a_new_client(used).await.status, 200);
+    }
+    well_inside_a_minute(Duration::from_secs(15)).await;
+    // Three forged signatures reach the node's bound; past it, tokens naming `copied` are
+    // still checked until that key has failed ten checks this minute.
+    for token in &forged[..10] {
+        from_a_new_client(token)
+            .await
+            .assert_error(401, "invalid_token");
+    }
+    let refused = from_a_new_client(&forged[10]).await;
+    refused.assert_error(429, "rate_limit_exceeded");
+    assert!((1..=60).contains(&refused.retry_after()));
+    // A key this node does not know is not worth a check, nor is a new token for the key
+    // the flood names; a new token for another key in use is checked, tokens checked before
+    // are answered as before.
+    for unchecked in [&made_up, &copied_fresh] {
+        from_a_new_client(unchecked)
+            .await
+            .assert_error(429, "rate_limit_exceeded");
+    }
+    for token in [&other_fresh, &copied_used, &other_used] {
+        assert_eq!(from_a_new_client(token).await.status, 200);
+    }
+    assert_eq!(
+        metric(&s.metrics().await, "keyward_invalid_tokens_refused_total"),
+        3.0
+    );
+}
+
+#[tokio::test]
 async fn signing_key_rotation_keeps_old_tokens_valid() {
     let s = TestServer::start().await;
     let (_, key) = s.create_key(json!({"scopes": ["inference"]})).await;
