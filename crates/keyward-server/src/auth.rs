@@ -6,7 +6,7 @@
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, header};
-use keyward_core::ids::OrgId;
+use keyward_core::ids::{KeyId, OrgId};
 use keyward_core::key::{Access, CompactKey, authorize};
 use keyward_core::key_format::{KeyHash, is_well_formed};
 use keyward_core::{ErrorCode, Timestamp};
@@ -208,6 +208,9 @@ async fn verify_proxy_auth(
 ) -> ApiResult<Principal> {
     let invalid = || ApiError::new(ErrorCode::InvalidToken);
     let tokens = state.tokens.as_ref().ok_or_else(invalid)?;
+    if token.len() > crate::tokens::MAX_TOKEN_LEN {
+        return Err(invalid());
+    }
     let token = std::str::from_utf8(token).map_err(|_| invalid())?;
     let now = state.clock.now();
     let claims = tokens.verify_proxy_auth(token, now)?;
@@ -290,26 +293,20 @@ async fn verify_jwt(
         Remembered::Valid(access) => access,
         Remembered::Expired => return Err(ApiError::new(ErrorCode::ExpiredToken)),
         Remembered::Unknown(digest) => {
-            // A forged signature counts against its caller's unknown credentials, like an
-            // unknown key, and against the node's bound on forgeries (`forgery.rs`): each
-            // costs a signature check (~40 µs), more than a proxied request.
+            // A signature check that does not end valid counts against its caller's unknown
+            // credentials, like an unknown key, and against the node's bound on forgeries
+            // (`forgery.rs`): each costs ~40 µs, more than a proxied request.
             let caller = keyward_core::ip::client_network(caller);
-            let claimed = crate::tokens::claimed_key_id(token);
+            let is_cached = |key: &KeyId| state.keys.has_key_id(key);
             state
                 .keys
                 .refuse_if_spent(caller, now)
-                .and_then(|()| {
-                    state.forgeries.may_check(
-                        claimed.as_ref(),
-                        |key| state.keys.has_key_id(key),
-                        now,
-                    )
-                })
+                .and_then(|()| state.forgeries.may_check(token, is_cached, now))
                 .inspect_err(|_| crate::metrics::invalid_tokens_refused())?;
             tokens.check_access(digest, token, now).map_err(|refused| {
-                if refused.bad_signature {
+                if refused.checked {
                     state.keys.charge_invalid_token(caller, now);
-                    state.forgeries.charge(claimed.as_ref(), now);
+                    state.forgeries.charge(token, is_cached, now);
                 }
                 refused.error
             })?

@@ -167,10 +167,29 @@ pub enum Remembered {
 /// A token refused by [`TokenService::check_access`].
 pub struct Refused {
     pub error: ApiError,
-    /// Its signature was checked and did not match: what a client's bound on failed checks
-    /// counts (the other refusals cost little).
-    pub bad_signature: bool,
+    /// A whole signature check was spent on it: what the bounds on failed checks count (the
+    /// other refusals cost little).
+    pub checked: bool,
 }
+
+impl Refused {
+    fn cheap(code: ErrorCode) -> Self {
+        Self {
+            error: ApiError::new(code),
+            checked: false,
+        }
+    }
+
+    fn after_the_check(code: ErrorCode) -> Self {
+        Self {
+            error: ApiError::new(code),
+            checked: true,
+        }
+    }
+}
+
+/// Longer than any token keyward signs by far; a longer one is refused before it is hashed.
+pub const MAX_TOKEN_LEN: usize = 8 * 1024;
 
 /// The header that carries the identity token to upstreams.
 pub const IDENTITY_HEADER: &str = "x-keyward-identity";
@@ -657,17 +676,27 @@ impl TokenService {
             Err(refused) => return Err(refused),
         };
         if self.verified.len() >= VERIFIED_CAPACITY {
-            self.verified.clear();
+            self.make_room(now);
         }
         let verdict = match &checked {
             Checked::Valid(access) => Ok(access.clone()),
-            Checked::Expired { .. } => Err(Refused {
-                error: ApiError::new(ErrorCode::ExpiredToken),
-                bad_signature: false,
-            }),
+            Checked::Expired { .. } => Err(Refused::after_the_check(ErrorCode::ExpiredToken)),
         };
         self.verified.insert(digest, checked);
         verdict
+    }
+
+    /// A full memory drops the tokens that expired first: the ones in use stay remembered
+    /// unless they alone fill it.
+    fn make_room(&self, now: Timestamp) {
+        let now_secs = now.as_secs();
+        self.verified.retain(|_, checked| match checked {
+            Checked::Valid(access) => now_secs <= access.claims.exp + LEEWAY_SECS as i64,
+            Checked::Expired { .. } => false,
+        });
+        if self.verified.len() >= VERIFIED_CAPACITY {
+            self.verified.clear();
+        }
     }
 
     /// [`Self::verify_access`] without the memory of verified tokens: every check, every time.
@@ -676,10 +705,10 @@ impl TokenService {
         token: &str,
         now: Timestamp,
     ) -> Result<VerifiedAccess, Refused> {
-        let invalid = || Refused {
-            error: ApiError::new(ErrorCode::InvalidToken),
-            bad_signature: false,
-        };
+        let invalid = || Refused::cheap(ErrorCode::InvalidToken);
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(invalid());
+        }
         let header = jsonwebtoken::decode_header(token).map_err(|_| invalid())?;
         if header.alg != self.algorithm || header.typ.as_deref() != Some(ACCESS_TYP) {
             return Err(invalid());
@@ -687,7 +716,7 @@ impl TokenService {
         let kid = header.kid.ok_or_else(invalid)?;
         let keys = self.keys.read().map_err(|_| Refused {
             error: ApiError::internal("token keys lock poisoned"),
-            bad_signature: false,
+            checked: false,
         })?;
         let verifier = keys.verifiers.get(&kid).ok_or_else(invalid)?;
         if verifier.valid_until.is_some_and(|until| until <= now) {
@@ -699,22 +728,19 @@ impl TokenService {
         validation.set_issuer(&[&self.config.issuer]);
         validation.set_audience(&[&self.config.audience]);
         validation.set_required_spec_claims(&["exp", "nbf", "iss", "aud", "sub"]);
-        // The signature is checked before the claims: an expired token is one we signed.
+        // From here on the signature is checked (before the claims: an expired token is one
+        // we signed), and every refusal has cost a whole check.
         let data = jsonwebtoken::decode::<AccessClaims>(token, &verifier.key, &validation)
-            .map_err(|e| match e.kind() {
-                ErrorKind::ExpiredSignature => Refused {
-                    error: ApiError::new(ErrorCode::ExpiredToken),
-                    bad_signature: false,
-                },
-                ErrorKind::InvalidSignature => Refused {
-                    error: ApiError::new(ErrorCode::InvalidToken),
-                    bad_signature: true,
-                },
-                _ => invalid(),
+            .map_err(|e| {
+                Refused::after_the_check(match e.kind() {
+                    ErrorKind::ExpiredSignature => ErrorCode::ExpiredToken,
+                    _ => ErrorCode::InvalidToken,
+                })
             })?;
-        let key_id = KeyId::parse(&data.claims.key_id).ok_or_else(invalid)?;
+        let signed_but_invalid = || Refused::after_the_check(ErrorCode::InvalidToken);
+        let key_id = KeyId::parse(&data.claims.key_id).ok_or_else(signed_but_invalid)?;
         if data.claims.sub != data.claims.key_id {
-            return Err(invalid());
+            return Err(signed_but_invalid());
         }
         Ok(VerifiedAccess {
             key_id,

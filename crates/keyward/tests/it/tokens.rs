@@ -356,7 +356,7 @@ async fn hs256_mode_and_expired_tokens() {
 async fn an_address_sending_forged_tokens_is_cut_off_from_signature_checks() {
     let secret = "an-hs256-secret-of-at-least-32-bytes!!";
     let s = TestServer::start_with_config(
-        "[server]\ntrusted_proxies = [\"127.0.0.1/32\"]\n[cache]\nunknown_keys_per_client = 2\n",
+        "[server]\ntrusted_proxies = [\"127.0.0.1/32\"]\n[cache]\nunknown_keys_per_client = 3\n",
         &[
             ("KEYWARD_TOKENS__ALGORITHM", "HS256"),
             ("KEYWARD_TOKENS__HS256_SECRET", secret),
@@ -384,9 +384,9 @@ async fn an_address_sending_forged_tokens_is_cut_off_from_signature_checks() {
     let client = "198.51.100.7";
     assert_eq!(from(client, &used).await.status, 200);
     well_inside_a_minute(Duration::from_secs(15)).await;
-    // Expired tokens were signed by us: a client's old token is not held against it (and,
-    // remembered, costs no check the second time). Refusals that need no signature check
-    // (an undecodable header, an unknown `kid`) cost little and are not counted either.
+    // An expired token costs its client one check, then it is remembered: replayed, it costs
+    // nothing more. Refusals that need no signature check (an undecodable header, an
+    // unknown `kid`) cost little and are not counted.
     for _ in 0..3 {
         from(client, &expired)
             .await
@@ -408,7 +408,7 @@ async fn an_address_sending_forged_tokens_is_cut_off_from_signature_checks() {
     };
     let r = verify_from(client, "203.0.113.1").await;
     assert_eq!(r.body, json!({"valid": false, "code": "invalid_token"}));
-    // The second forged signature is checked and refused; past the bound, none is checked.
+    // The third signature checked and refused reaches the bound; past it, none is checked.
     from(client, &forged)
         .await
         .assert_error(401, "invalid_token");
@@ -441,7 +441,7 @@ async fn past_the_nodes_bound_only_tokens_naming_a_known_key_are_checked() {
     let secret = "an-hs256-secret-of-at-least-32-bytes!!";
     let s = TestServer::start_with_config(
         "[server]\ntrusted_proxies = [\"127.0.0.1/32\"]\n\
-         [cache]\nunknown_keys_per_client = 0\nforged_tokens_per_node = 3\n",
+         [cache]\nunknown_keys_per_client = 0\nforged_tokens_per_node = 6\n",
         &[
             ("KEYWARD_TOKENS__ALGORITHM", "HS256"),
             ("KEYWARD_TOKENS__HS256_SECRET", secret),
@@ -469,6 +469,9 @@ async fn past_the_nodes_bound_only_tokens_naming_a_known_key_are_checked() {
     let forged: Vec<String> = (0..11)
         .map(|n| signed(forger, &copied, &format!("forged {n}")))
         .collect();
+    let forged_other: Vec<String> = (0..3)
+        .map(|n| signed(forger, &other, &format!("forged {n}")))
+        .collect();
     let made_up = signed(forger, "key_01JZZZZZZZZZZZZZZZZZZZZZZZ", "made up");
     let mut client = 0u8;
     let mut from_a_new_client = async |token: &str| {
@@ -480,7 +483,7 @@ async fn past_the_nodes_bound_only_tokens_naming_a_known_key_are_checked() {
         assert_eq!(from_a_new_client(used).await.status, 200);
     }
     well_inside_a_minute(Duration::from_secs(15)).await;
-    // Three forged signatures reach the node's bound; past it, tokens naming `copied` are
+    // Six forged signatures reach the node's bound; past it, tokens naming `copied` are
     // still checked until that key has failed ten checks this minute.
     for token in &forged[..10] {
         from_a_new_client(token)
@@ -501,9 +504,19 @@ async fn past_the_nodes_bound_only_tokens_naming_a_known_key_are_checked() {
     for token in [&other_fresh, &copied_used, &other_used] {
         assert_eq!(from_a_new_client(token).await.status, 200);
     }
+    // Past twice the node's bound (12 failed checks), no new token is checked at all.
+    for token in &forged_other[..2] {
+        from_a_new_client(token)
+            .await
+            .assert_error(401, "invalid_token");
+    }
+    from_a_new_client(&forged_other[2])
+        .await
+        .assert_error(429, "rate_limit_exceeded");
+    assert_eq!(from_a_new_client(&other_used).await.status, 200);
     assert_eq!(
         metric(&s.metrics().await, "keyward_invalid_tokens_refused_total"),
-        3.0
+        4.0
     );
 }
 
