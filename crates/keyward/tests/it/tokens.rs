@@ -51,6 +51,16 @@ fn now() -> i64 {
         .as_secs() as i64
 }
 
+/// An access token signed with HS256 by `secret`, naming `key_id` of `org`, expiring at
+/// `exp` (Unix seconds); `jti` tells tokens with the same claims apart.
+fn hs256_token(secret: &str, org: &str, key_id: &str, exp: i64, jti: &str) -> String {
+    let claims = json!({"iss": "http://localhost:8080", "sub": key_id, "aud": "keyward",
+        "org_id": org, "project_id": "proj_01JZZZZZZZZZZZZZZZZZZZZZZZ", "key_id": key_id,
+        "scopes": ["inference"], "iat": exp - 900, "nbf": exp - 900, "exp": exp, "jti": jti})
+    .to_string();
+    tool(&["hs256", secret, &claims, "kw-access+jwt"])
+}
+
 #[tokio::test]
 async fn exchanged_tokens_verify_independently_and_work_as_credentials() {
     let mut s = TestServer::start().await;
@@ -368,13 +378,7 @@ async fn an_address_sending_forged_tokens_is_cut_off_from_signature_checks() {
         .as_str()
         .unwrap()
         .to_owned();
-    let signed = |secret: &str, exp: i64, jti: &str| {
-        let claims = json!({"iss": "http://localhost:8080", "sub": id, "aud": "keyward",
-            "org_id": org, "project_id": "proj_01JZZZZZZZZZZZZZZZZZZZZZZZ", "key_id": id,
-            "scopes": ["inference"], "iat": exp - 900, "nbf": exp - 900, "exp": exp, "jti": jti})
-        .to_string();
-        tool(&["hs256", secret, &claims, "kw-access+jwt"])
-    };
+    let signed = |secret: &str, exp: i64, jti: &str| hs256_token(secret, &org, &id, exp, jti);
     let forger = "another-secret-of-at-least-32-bytes!!!";
     let [used, fresh, forged] = [(secret, "used"), (secret, "fresh"), (forger, "forged")]
         .map(|(secret, jti)| signed(secret, now() + 600, jti));
@@ -452,14 +456,8 @@ async fn past_the_nodes_bound_only_tokens_naming_a_known_key_are_checked() {
         .as_str()
         .unwrap()
         .to_owned();
-    let signed = |secret: &str, key_id: &str, jti: &str| {
-        let exp = now() + 600;
-        let claims = json!({"iss": "http://localhost:8080", "sub": key_id, "aud": "keyward",
-            "org_id": org, "project_id": "proj_01JZZZZZZZZZZZZZZZZZZZZZZZ", "key_id": key_id,
-            "scopes": ["inference"], "iat": exp - 900, "nbf": exp - 900, "exp": exp, "jti": jti})
-        .to_string();
-        tool(&["hs256", secret, &claims, "kw-access+jwt"])
-    };
+    let signed =
+        |secret: &str, key_id: &str, jti: &str| hs256_token(secret, &org, key_id, now() + 600, jti);
     let forger = "another-secret-of-at-least-32-bytes!!!";
     // The flood copies the claims of a token for key `copied`; `other` is a key in use too.
     let (copied, _) = s.create_key(json!({"scopes": ["inference"]})).await;
