@@ -121,6 +121,14 @@ macro_rules! impl_columns {
 impl_columns!(sqlx::sqlite::SqliteRow);
 impl_columns!(sqlx::postgres::PgRow);
 
+/// Migrations as every node runs them. A node one release behind may start on a schema a
+/// newer node has migrated (a rolling upgrade, a rollback): migrations only ever add, so the
+/// applied ones it does not know are ignored rather than refused.
+pub(crate) fn tolerating_newer(mut migrator: sqlx::migrate::Migrator) -> sqlx::migrate::Migrator {
+    migrator.set_ignore_missing(true);
+    migrator
+}
+
 /// What a row of `key_changes` records.
 #[derive(Clone, Copy)]
 pub(crate) enum ChangeKind {

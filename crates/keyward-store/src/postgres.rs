@@ -28,22 +28,14 @@ use sqlx::{PgConnection, PgPool, Row};
 use crate::codec::{
     ChangeKind, HASH_PAGE, MergedUsage, audit_from_row, hashes_from_rows, hashes_in_pages,
     ips_to_json, key_changes_from_rows, key_from_row, map_err, merge_usage, org_from_row, paginate,
-    project_from_row, signing_key_from_row, sql_count, to_json, ts, usage_from_row, user_from_row,
+    project_from_row, signing_key_from_row, sql_count, to_json, tolerating_newer, ts,
+    usage_from_row, user_from_row,
 };
 use crate::{
     AuditEntry, Bootstrap, KeyChanges, KeyFilter, KeyLookup, Org, Page, PageRequest, Project,
     RevokeOutcome, Role, Rotation, SigningKeyRecord, Store, StoreError, StoreResult, UsageRow,
     User,
 };
-
-/// The schema's migrations. A node one release behind may start on a schema a newer node
-/// has migrated (a rolling upgrade, a rollback): migrations only ever add, so the ones it does
-/// not know are ignored rather than refused.
-fn migrator() -> sqlx::migrate::Migrator {
-    let mut migrator = sqlx::migrate!("./migrations/postgres");
-    migrator.set_ignore_missing(true);
-    migrator
-}
 
 /// Connections per node. Storage is off the hot path (keys are cached, usage is batched), so a
 /// few suffice, and many nodes can share one server's `max_connections`.
@@ -219,7 +211,7 @@ const SELECT_KEY: &str = "SELECT * FROM api_keys WHERE org_id = $1 AND id = $2";
 impl Store for PgStore {
     async fn migrate(&self) -> StoreResult<()> {
         // sqlx holds an advisory lock while it migrates, so nodes starting together take turns.
-        migrator()
+        tolerating_newer(sqlx::migrate!("./migrations/postgres"))
             .run(&self.pool)
             .await
             .map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))

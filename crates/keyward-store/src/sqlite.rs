@@ -15,22 +15,14 @@ use sqlx::{Row, SqlitePool};
 use crate::codec::{
     ChangeKind, HASH_PAGE, audit_from_row, hashes_from_rows, hashes_in_pages, ips_to_json,
     key_changes_from_rows, key_from_row, map_err, merge_usage, org_from_row, paginate,
-    project_from_row, signing_key_from_row, sql_count, to_json, ts, usage_from_row, user_from_row,
+    project_from_row, signing_key_from_row, sql_count, to_json, tolerating_newer, ts,
+    usage_from_row, user_from_row,
 };
 use crate::{
     AuditEntry, Bootstrap, KeyChanges, KeyFilter, KeyLookup, Org, Page, PageRequest, Project,
     RevokeOutcome, Role, Rotation, SigningKeyRecord, Store, StoreError, StoreResult, UsageRow,
     User,
 };
-
-/// The schema's migrations. A node one release behind may start on a schema a newer node
-/// has migrated (a rolling upgrade, a rollback): migrations only ever add, so the ones it does
-/// not know are ignored rather than refused.
-fn migrator() -> sqlx::migrate::Migrator {
-    let mut migrator = sqlx::migrate!("./migrations/sqlite");
-    migrator.set_ignore_missing(true);
-    migrator
-}
 
 /// Rows per multi-row statement: 6 parameters each, well under SQLite's 32,766.
 const ROWS_PER_STATEMENT: usize = 1_000;
@@ -193,7 +185,7 @@ const SELECT_KEY: &str = "SELECT * FROM api_keys WHERE org_id = ? AND id = ?";
 #[async_trait]
 impl Store for SqliteStore {
     async fn migrate(&self) -> StoreResult<()> {
-        migrator()
+        tolerating_newer(sqlx::migrate!("./migrations/sqlite"))
             .run(&self.pool)
             .await
             .map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))
