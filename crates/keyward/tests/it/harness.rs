@@ -260,7 +260,9 @@ impl TestServer {
     /// Repeats a call until it answers `status` (changes made by another process reach this
     /// server's cache within a second); returns the last reply.
     pub async fn eventually(&self, status: u16, method: Method, path: &str, key: &str) -> Reply {
-        let deadline = Instant::now() + Duration::from_millis(1_500);
+        // Generous: the change feed is read every 0.5 s, but a loaded machine delays rounds,
+        // and waiting costs nothing once the answer has come.
+        let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let reply = self.call(method.clone(), path, Some(key), None).await;
             if reply.status.as_u16() == status || Instant::now() > deadline {
@@ -334,15 +336,30 @@ impl Drop for TestServer {
 /// The unknown-key bounds count per calendar minute: a test that fills one and then looks
 /// for a refusal must not see the count start over halfway.
 pub async fn well_inside_a_minute(margin: Duration) {
-    let since_epoch = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap();
-    let into_minute = Duration::from_millis((since_epoch.as_millis() % 60_000) as u64);
-    let left = Duration::from_secs(60) - into_minute;
+    well_inside_a_period(Duration::from_secs(60), margin).await;
+}
+
+/// Waits, when needed, until at least `margin` is left of the current wall-clock `period`
+/// (periods counted from the Unix epoch, as credit refills and the per-minute bounds are).
+pub async fn well_inside_a_period(period: Duration, margin: Duration) {
+    let left = period - into_period(period);
     if left < margin {
         // Past the boundary by a little, for a server whose clock reads slightly behind.
         tokio::time::sleep(left + Duration::from_millis(50)).await;
     }
+}
+
+/// Waits until the next wall-clock `period` has begun.
+pub async fn into_the_next_period(period: Duration) {
+    let left = period - into_period(period);
+    tokio::time::sleep(left + Duration::from_millis(50)).await;
+}
+
+fn into_period(period: Duration) -> Duration {
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    Duration::from_millis((since_epoch.as_millis() % period.as_millis()) as u64)
 }
 
 /// A metric's value in Prometheus text, summed over its label sets; 0 when absent.

@@ -62,6 +62,8 @@ async fn create_show_list_patch() {
     assert_eq!(patched.body["blocked_ips"], json!(["10.1.0.0/16"]));
     assert_eq!(patched.body["expires_at"], "2099-01-01T00:00:00.000Z");
     assert_eq!(patched.body["endpoint"], "echo");
+    // Audit ids are ULIDs, ordered by their millisecond only: the next entry in a later one.
+    tokio::time::sleep(Duration::from_millis(2)).await;
     // null clears; absence keeps.
     let cleared = s
         .admin(
@@ -230,7 +232,8 @@ async fn revocation_is_immediate_permanent_and_idempotent() {
 #[tokio::test]
 async fn expiry_is_enforced() {
     let s = TestServer::start().await;
-    let soon = std::time::SystemTime::now() + Duration::from_millis(1_500);
+    // Far enough ahead for creation and a first use on a loaded machine.
+    let soon = std::time::SystemTime::now() + Duration::from_millis(4_000);
     let soon = humantime(soon);
     let (id, secret) = s
         .create_key(json!({"scopes": ["management"], "expires_at": soon}))
@@ -241,7 +244,7 @@ async fn expiry_is_enforced() {
             .status,
         200
     );
-    tokio::time::sleep(Duration::from_millis(1_800)).await;
+    tokio::time::sleep(Duration::from_millis(4_300)).await;
     s.call(Method::GET, "/v1/org", Some(&secret), None)
         .await
         .assert_error(401, "key_expired");

@@ -334,15 +334,16 @@ async fn hs256_mode_and_expired_tokens() {
         200
     );
     // A token that verified is remembered (no second signature check), but not past its
-    // expiry: 2 s of leeway left now, none after the pause.
-    let expiring = tool(&["hs256", secret, &claims(now() - 28), "kw-access+jwt"]);
+    // expiry: 6 s of leeway left now (time for Python to sign it on a loaded machine), none
+    // after the pause.
+    let expiring = tool(&["hs256", secret, &claims(now() - 24), "kw-access+jwt"]);
     assert_eq!(
         s.call(Method::GET, "/echo/x", Some(&expiring), None)
             .await
             .status,
         200
     );
-    tokio::time::sleep(std::time::Duration::from_millis(3500)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(7_500)).await;
     s.call(Method::GET, "/echo/x", Some(&expiring), None)
         .await
         .assert_error(401, "expired_token");
