@@ -98,6 +98,9 @@ impl KeyUsage {
 #[derive(Default)]
 pub struct UsageRecorder {
     activity: Arc<ActivityMap>,
+    /// Held for writing while a flush has taken counts the store does not hold yet, for
+    /// reading while a usage answer reads the store and adds the counts not written.
+    flushing: tokio::sync::RwLock<()>,
 }
 
 fn one(outcome: Outcome) -> UsageCounts {
@@ -166,8 +169,21 @@ impl UsageRecorder {
         (rows, last_used)
     }
 
+    /// What the store holds (read by `stored`) and the counts of `key` not written yet. A
+    /// flush in progress is waited for: its counts are in neither place until it is done.
+    pub async fn with_pending<T>(
+        &self,
+        key: &KeyId,
+        stored: impl Future<Output = StoreResult<T>>,
+    ) -> StoreResult<(T, Vec<(Timestamp, UsageCounts)>)> {
+        let _no_flush = self.flushing.read().await;
+        let stored = stored.await?;
+        Ok((stored, self.pending(key)))
+    }
+
     /// Writes everything counted so far. On failure the counts are put back.
     pub async fn flush(&self, store: &dyn Store, now: Timestamp) -> StoreResult<usize> {
+        let _flushing = self.flushing.write().await;
         let (rows, last_used) = self.drain(now);
         if rows.is_empty() && last_used.is_empty() {
             return Ok(0);
@@ -198,6 +214,47 @@ impl UsageRecorder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A flush that has taken the counts and not yet written them holds them in neither
+    /// place: a usage answer in between must wait, not come out low.
+    #[tokio::test]
+    async fn a_usage_read_waits_for_a_flush_in_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/keyward.db", dir.path().display());
+        let store = keyward_store::SqliteStore::open(&url).await.unwrap();
+        store.migrate().await.unwrap();
+        let config = crate::config::from_toml_str("").unwrap();
+        let state = crate::state::AppState::new(
+            config,
+            Arc::new(store),
+            Arc::new(keyward_core::SystemClock),
+        );
+        let (key, _) = crate::bootstrap::ensure_bootstrapped(&state)
+            .await
+            .unwrap()
+            .unwrap();
+        let (usage, now) = (&state.usage, state.clock.now());
+        for _ in 0..3 {
+            usage.record(&key.id, Outcome::Allowed, now);
+        }
+        let (from, to) = (now.minute_start(), now.plus_secs(60));
+        let flushing = usage.flushing.write().await;
+        let (rows, last_used) = usage.drain(now);
+        let mut reading = std::pin::pin!(
+            usage.with_pending(&key.id, state.store.usage(&key.org_id, &key.id, from, to))
+        );
+        let early = tokio::time::timeout(std::time::Duration::from_millis(100), &mut reading).await;
+        assert!(early.is_err(), "the read waited for the flush");
+        state.store.record_usage(&rows, &last_used).await.unwrap();
+        drop(flushing);
+        let (stored, pending) = reading.await.unwrap();
+        let allowed: u64 = stored.iter().map(|row| row.counts.allowed).sum::<u64>()
+            + pending
+                .iter()
+                .map(|(_, counts)| counts.allowed)
+                .sum::<u64>();
+        assert_eq!(allowed, 3);
+    }
 
     #[test]
     fn counts_by_minute_and_outcome() {

@@ -217,8 +217,10 @@ pub async fn usage(
     }
     let from = from.minute_start();
     let mut buckets: std::collections::BTreeMap<i64, UsageCounts> = Default::default();
-    let stored = state.store.usage(org, &key.id, from, to).await?;
-    let pending = state.usage.pending(&key.id);
+    let (stored, pending) = state
+        .usage
+        .with_pending(&key.id, state.store.usage(org, &key.id, from, to))
+        .await?;
     let minutes = stored
         .iter()
         .map(|r| (r.minute, r.counts))
