@@ -287,6 +287,10 @@ async fn verify_jwt(
 ) -> ApiResult<Principal> {
     let invalid = || ApiError::new(ErrorCode::InvalidToken);
     let tokens = state.tokens.as_ref().ok_or_else(invalid)?;
+    // Before the token is hashed (to look it up) or read: far longer than any we sign.
+    if token.len() > crate::tokens::MAX_TOKEN_LEN {
+        return Err(invalid());
+    }
     let token = std::str::from_utf8(token).map_err(|_| invalid())?;
     let now = state.clock.now();
     let verified = match tokens.remembered(token, now) {

@@ -398,7 +398,14 @@ async fn an_address_sending_forged_tokens_is_cut_off_from_signature_checks() {
             .assert_error(401, "expired_token");
     }
     let unknown_kid = tool(&["rekid", &used]);
-    for cheap in ["eyJhbGciOiJFZERTQSJ9.e30.", &unknown_kid, "eyJ.x.y"] {
+    // Over 8 KiB: refused before it is even hashed.
+    let oversized = format!("{forged}{}", "A".repeat(9 * 1024));
+    for cheap in [
+        "eyJhbGciOiJFZERTQSJ9.e30.",
+        &unknown_kid,
+        "eyJ.x.y",
+        &oversized,
+    ] {
         from(client, cheap).await.assert_error(401, "invalid_token");
     }
     // A body's `ip` (the end user's, for the key's IP rules) does not choose who is charged:
