@@ -2,11 +2,13 @@
 # Every benchmark of issue #6 in one command, against release builds: the criterion
 # benchmarks (key verification at 1k/100k/1M cached keys, one rate-limit decision, JWT
 # verification, a whole request in process), memory per cached key at 1M keys, the time from
-# start to ready with 1M keys in the store, and the side-by-side load run (bench/run.sh).
+# start to ready with 1M keys in the store, a profile-guided build (bench/pgo.sh) and the
+# side-by-side load run (bench/run.sh), the PGO build in it as scenarios m and n.
 # Prints a summary at the end; every step's full output stays in the results directory.
 # Usage: bench/all.sh   (bench/run.sh's variables apply to the load step, READY_KEYS (1,000,000)
 #        to the start-up step, BENCH_BIN to both; SKIP="load" or any of
-#        "criterion memory ready load" leaves steps out). Takes ~20 minutes.
+#        "criterion memory ready pgo load" leaves steps out). Takes ~35 minutes, ~15 of them
+#        the PGO build's two compilations.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SKIP=${SKIP:-}
@@ -27,6 +29,11 @@ fi
 if wanted ready; then
   step "start to ready: bench/ready.sh"
   NKEYS=${READY_KEYS:-1000000} bash bench/ready.sh > "$OUT/ready.txt"
+fi
+if wanted pgo && wanted load; then
+  step "profile-guided build: bench/pgo.sh"
+  PGO_BIN=$(bash bench/pgo.sh 2> "$OUT/pgo.err")
+  export PGO_BIN
 fi
 if wanted load; then
   step "side by side under load: bench/run.sh"

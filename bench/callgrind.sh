@@ -13,7 +13,10 @@
 #        instead: what keyward's proxy counts above it is its domain work; NGINX=keyauth or
 #        NGINX=fulljob counts nginx doing scenario c's or k's job of bench/run.sh, one worker
 #        under callgrind, with a keyward beside it, not under valgrind, for the keys and the
-#        identity maps). Installs valgrind, wrk, nginx and redis-server when missing.
+#        identity maps; CACHE_SIM=1 also simulates the caches and branch predictors and
+#        prints instruction-cache misses and mispredicted branches per request: what a larger
+#        code footprint costs, which instruction counts do not show). Installs valgrind, wrk,
+#        nginx and redis-server when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NKEYS=${NKEYS:-500}
@@ -23,6 +26,8 @@ URL_PATH=${URL_PATH:-/bench/x}
 LIMITS=${LIMITS:-memory}
 FLOOR=${FLOOR:-}
 NGINX=${NGINX:-}
+CACHE_SIM=${CACHE_SIM:-}
+[ -z "$CACHE_SIM" ] || export VALGRIND_OPTS="${VALGRIND_OPTS:-} --cache-sim=yes --branch-sim=yes"
 case "$NGINX" in ""|keyauth|fulljob) ;; *) echo "NGINX is keyauth or fulljob, not '$NGINX'" >&2; exit 2;; esac
 
 . bench/common.sh
@@ -96,8 +101,12 @@ sleep 1
 dump=$(ls -t "$RUN"/callgrind.out.* | head -1)
 what="$LIMITS limits"; [ -n "$FLOOR" ] && what="the proxy floor"; [ -n "$NGINX" ] && what="nginx-$NGINX"
 echo "$requests requests with status 200 in ${MEASURE}s ($URL_PATH, $NKEYS keys, $what)"
-callgrind_annotate --inclusive=yes --threshold=100 "$dump" 2>/dev/null |
+callgrind_annotate --show=Ir --inclusive=yes --threshold=100 "$dump" 2>/dev/null |
   grep -v '=>' | grep -E '^ *[0-9,]+ ' | grep -E 'PROGRAM TOTALS|keyward_(server|core)::|proxy_floor::|ngx_' |
   awk -v n="$requests" '{c = $1; gsub(",", "", c); $1 = ""; $2 = ""; sub(/^ +/, ""); sub(/ \[.*$/, ""); sub(/^[^:]*:/, ""); if (!seen[$0]++) printf "%8.0f  %s\n", c / n, $0}' |
-  head -"${TOP:-25}"
+  sed -n "1,${TOP:-25}p"  # reads it all: head would break the pipe
 echo "instructions per request, inclusive; callgrind data: $dump"
+if [ -n "$CACHE_SIM" ]; then
+  callgrind_annotate --show=I1mr,Bcm,Bim "$dump" 2>/dev/null | grep 'PROGRAM TOTALS' | tr -d , |
+    awk -v n="$requests" '{printf "per request: %.0f instruction-cache (I1) misses, %.0f mispredicted conditional and %.0f indirect branches\n", $1 / n, $3 / n, $5 / n}'
+fi

@@ -41,7 +41,12 @@ ROUNDS=${ROUNDS:-3}
 CONNECTIONS=${CONNECTIONS:-64}
 THREADS=${THREADS:-2}
 NKEYS=${NKEYS:-10000}
-SCENARIOS=${SCENARIOS:-a b j c d k l e f g h i}   # a subset measures faster; c is the ratios' base
+PGO_BIN=${PGO_BIN:-}     # a profile-guided build (bench/pgo.sh) adds scenarios m and n
+SCENARIOS=${SCENARIOS:-a b j c d k l e f g h i${PGO_BIN:+ m n}}   # a subset measures faster; c is the ratios' base
+if [[ " $SCENARIOS " =~ \ [mn]\  ]] && [ -z "$PGO_BIN" ]; then
+  echo "scenarios m and n measure a PGO build: set PGO_BIN (bench/pgo.sh makes one)" >&2; exit 2
+fi
+[ -z "$PGO_BIN" ] || PGO_BIN=$(realpath "$PGO_BIN")
 
 . bench/common.sh
 install_missing wrk:wrk nginx:nginx-light haproxy:haproxy redis-server:redis-server
@@ -81,6 +86,13 @@ keyward_config 19006 19016 "" "${PG_URL%/*}/$PG_DB" > "$RUN/kw-pg/keyward.toml"
 mkdir -p "$RUN/kw-plain"
 { keyward_config 19009 19019; printf '[tokens]\nidentity_token = false\n'; } > "$RUN/kw-plain/keyward.toml"
 (cd "$RUN/kw-plain" && exec "$BIN" serve > out.log 2> err.log) & pids+=($!); kw_plain_pid=$!
+kw_pgo_pid=""
+if [ -n "$PGO_BIN" ]; then
+  mkdir -p "$RUN/kw-pgo"
+  keyward_config 19012 19017 > "$RUN/kw-pgo/keyward.toml"
+  (cd "$RUN/kw-pgo" && exec "$PGO_BIN" serve > out.log 2> err.log) & pids+=($!); kw_pgo_pid=$!
+  wait_port 19012
+fi
 "$FLOOR_BIN" 19007 & pids+=($!); floor_pid=$!
 "$PROXY_FLOOR_BIN" 19008 127.0.0.1:19000 & pids+=($!); proxy_floor_pid=$!
 wait_port 19002; wait_port 19003; wait_port 19010; wait_port 19013; wait_port 19004; wait_port 19006; wait_port 19007; wait_port 19008; wait_port 19009
@@ -98,6 +110,8 @@ declare -A URL=(
   [h]="http://127.0.0.1:19007/v1/auth"
   [i]="http://127.0.0.1:19008/x"
   [j]="http://127.0.0.1:19009/bench/x"
+  [m]="http://127.0.0.1:19012/bench/x"
+  [n]="http://127.0.0.1:19012/v1/auth"
   [k]="http://127.0.0.1:19010/x"
   [l]="http://127.0.0.1:19013/x"
 )
@@ -112,6 +126,8 @@ declare -A NAME=(
   [h]="HTTP floor (keyward's stack, fixed forward-auth answer)"
   [i]="proxy floor (keyward's stack forwarding, no domain work)"
   [j]="keyward proxy, memory limits, no identity token"
+  [m]="keyward proxy, memory limits, PGO build"
+  [n]="keyward forward-auth GET /v1/auth, PGO build"
   [k]="nginx doing keyward's whole job (+ org limits, identity headers, request id, X-RateLimit-*)"
   [l]="HAProxy doing keyward's whole job (likewise)"
 )
@@ -120,7 +136,7 @@ declare -A NAME=(
 # (h answers 200 to anything and i forwards anything with a credential: they are floors, not
 # gateways.)
 key=$(head -1 "$RUN/keys.txt")
-for s in b c d e f g j k l; do
+for s in b c d e f g j k l ${PGO_BIN:+m n}; do
   k=$key
   [ "$s" = g ] && k=$(head -1 "$RUN/keys-pg.txt")
   ok=$(curl -s -o /dev/null -w '%{http_code}' -H "X-Forwarded-Uri: /bench/x" -H "Authorization: Bearer $k" "${URL[$s]}")
@@ -130,7 +146,7 @@ done
 # Every proxy tells the upstream which key called (keyward's X-Keyward-Key-Id; nginx's and
 # HAProxy's setups set the same header from their maps), or the comparison is not of one job.
 key_id=$(head -1 "$RUN/keys.txt.ids")
-for s in b c d f j k l; do
+for s in b c d f j k l ${PGO_BIN:+m}; do
   caller=$(curl -s -H "Authorization: Bearer $key" "${URL[$s]%/x}/caller")
   [ "$caller" = "$key_id" ] || { echo "scenario $s: the upstream saw key id '$caller', not $key_id" >&2; exit 1; }
 done
@@ -172,6 +188,7 @@ declare -A GATEWAY=(
   [a]="$UPSTREAM_WORKERS"
   [b]="$kw_pid" [e]="$kw_pid"
   [j]="$kw_plain_pid"
+  [m]="$kw_pgo_pid" [n]="$kw_pgo_pid"
   [c]="$(pgrep -P "$keyauth_master" | xargs)"
   [d]="$haproxy_pid"
   [k]="$(pgrep -P "$fulljob_master" | xargs)"
@@ -216,7 +233,7 @@ print(f"Socket errors: connect 0, read 0, write 0, timeout {errors}")
 
 measure() { # scenario → "rps p50_ms p99_ms non2xx cpu_us redis_cpu_us socket_errors user_us system_us upstream_cpu_us p999_ms" (CPU per request; p99.9 with RATE only)
   local extra="" keys="$RUN/keys.txt"
-  [ "$1" = e ] || [ "$1" = h ] && extra="X-Forwarded-Uri: /bench/x"
+  case "$1" in e|h|n) extra="X-Forwarded-Uri: /bench/x";; esac
   [ "$1" = g ] && keys="$RUN/keys-pg.txt"
   KEYS_FILE="$keys" EXTRA_HEADER="$extra" wrk -t"$THREADS" -c"$CONNECTIONS" -d2s -s bench/keys.lua "${URL[$1]}" > /dev/null
   local before after redis_before redis_after up_before up_after
@@ -291,11 +308,13 @@ for s in $SCENARIOS; do
   printf "| %s. %s | %.0f | %.2f | %.2f | %s | %s | %s | %s |\n" "$s" "${NAME[$s]}" "$rps" "$p50" "$p99" "$ratio" "$bad" "$cpu" "$upstream_cpu"
 done
 # Like with like: keyward's proxy against nginx and HAProxy doing its whole job, per round
-# (and j × k: keyward without the token against nginx sending one).
-for pair in "b k" "b l" "j k"; do
+# (and j × k: keyward without the token against nginx sending one); the PGO build against
+# the plain one and against k and l.
+gap=echo
+for pair in "b k" "b l" "j k" "m b" "n e" "m k" "m l"; do
   set -- $pair
   if [ -n "${RESULTS[$1]:-}" ] && [ -n "${RESULTS[$2]:-}" ] && [ -z "${RATE:-}" ]; then
-    [ "$pair" = "b k" ] && echo
+    $gap; gap=:
     echo "$1 × $2 (median, per round): $(round_ratios "${RESULTS[$1]}" "${RESULTS[$2]}")"
   fi
 done

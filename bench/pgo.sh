@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# A profile-guided (PGO) release build of keyward, in three steps: a build instrumented to
+# count which branches and calls run; a training load on it (bench/run.sh's proxy,
+# forward-auth, Redis and PostgreSQL scenarios, one 6 s round each, so the counts are those
+# of a gateway under load); the release build again, with LLVM laying out and inlining code
+# by those counts. Needs llvm-profdata from rustup's llvm-tools component (added when
+# missing) and what bench/run.sh installs. Prints the binary's path on stdout; bench/run.sh
+# measures it beside the plain build with PGO_BIN=<path> (scenarios m and n).
+# Usage: bench/pgo.sh   (PGO_DIR=target/pgo to change where the builds and profiles go).
+# Takes ~15 minutes on 2 cores (two builds from scratch of ~5 minutes each).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+HOST=$(rustc -vV | awk '/^host:/ {print $2}')
+DIR=$(realpath -m "${PGO_DIR:-target/pgo}")
+PROFDATA="$(rustc --print sysroot)/lib/rustlib/$HOST/bin/llvm-profdata"
+[ -x "$PROFDATA" ] || rustup component add llvm-tools >&2
+
+# An explicit --target keeps the flags off build scripts and proc macros (their profiles
+# would mix with keyward's), and gives both builds the same symbol names, by which the
+# profile is matched.
+build() { # rustflags target-dir
+  RUSTFLAGS="$1" CARGO_TARGET_DIR="$2" cargo build --release -p keyward --target "$HOST" >&2
+}
+rm -rf "$DIR/profiles"
+build "-Cprofile-generate=$DIR/profiles/raw" "$DIR/generate"
+# The instrumented binary writes its counts when it exits, which bench/run.sh's SIGTERM allows.
+BENCH_BIN="$DIR/generate/$HOST/release/keyward" SCENARIOS="b j e f g" ROUNDS=1 DURATION=6s \
+  bench/run.sh > "$DIR/training.txt"
+"$PROFDATA" merge -o "$DIR/profiles/keyward.profdata" "$DIR/profiles/raw"
+build "-Cprofile-use=$DIR/profiles/keyward.profdata" "$DIR/use"
+echo "$DIR/use/$HOST/release/keyward"
