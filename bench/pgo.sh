@@ -26,6 +26,10 @@ build "-Cprofile-generate=$DIR/profiles/raw" "$DIR/generate"
 # The instrumented binary writes its counts when it exits, which bench/run.sh's SIGTERM allows.
 BENCH_BIN="$DIR/generate/$HOST/release/keyward" SCENARIOS="b j e f g" ROUNDS=1 DURATION=6s \
   bench/run.sh > "$DIR/training.txt"
-"$PROFDATA" merge -o "$DIR/profiles/keyward.profdata" "$DIR/profiles/raw"
-build "-Cprofile-use=$DIR/profiles/keyward.profdata" "$DIR/use"
+"$PROFDATA" merge -o "$DIR/profiles/merged.profdata" "$DIR/profiles/raw"
+# cargo does not watch the profile's content, only the flags: a path of the content's own makes
+# a new profile rebuild every crate rather than leave some built with the last one.
+profile="$DIR/profiles/keyward-$(sha256sum "$DIR/profiles/merged.profdata" | cut -c1-16).profdata"
+mv "$DIR/profiles/merged.profdata" "$profile"
+build "-Cprofile-use=$profile" "$DIR/use"
 echo "$DIR/use/$HOST/release/keyward"

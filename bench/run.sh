@@ -21,6 +21,9 @@
 #   i. the proxy floor: keyward's stack and runtime shape forwarding to the upstream over one
 #      upstream connection per client connection, with no domain work (examples/proxy_floor.rs);
 #      b against i is what the domain work costs, i against c what the stack costs
+#   m, n. with PGO_BIN=<path> (a build of bench/pgo.sh): that build's proxy and forward-auth,
+#      in a keyward of its own beside b's: m against b and n against e is what the
+#      profile-guided build changes
 # Besides req/s and latency it reports each gateway's CPU time per request (user + system, all
 # its threads, from /proc), which varies less between runs than req/s on two shared cores, split
 # into user and system time (the kernel's share, loopback TCP and wake-ups, is what every
