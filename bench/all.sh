@@ -7,7 +7,7 @@
 # Prints a summary at the end; every step's full output stays in the results directory.
 # Usage: bench/all.sh   (bench/run.sh's variables apply to the load step, READY_KEYS (1,000,000)
 #        to the start-up step, BENCH_BIN to both; SKIP="load" or any of
-#        "criterion memory ready pgo load" leaves steps out). Takes ~35 minutes, ~15 of them
+#        "criterion memory ready pgo load" leaves steps out). Takes ~30 minutes, 5–11 of them
 #        the PGO build's two compilations.
 set -euo pipefail
 cd "$(dirname "$0")/.."

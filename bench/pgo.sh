@@ -7,7 +7,8 @@
 # missing) and what bench/run.sh installs. Prints the binary's path on stdout; bench/run.sh
 # measures it beside the plain build with PGO_BIN=<path> (scenarios m and n).
 # Usage: bench/pgo.sh   (PGO_DIR=target/pgo to change where the builds and profiles go).
-# Takes ~15 minutes on 2 cores (two builds from scratch of ~5 minutes each).
+# Takes ~11 minutes on 2 cores the first time (two builds from scratch), ~5 when the
+# instrumented build is still current (the final build always starts from scratch).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 HOST=$(rustc -vV | awk '/^host:/ {print $2}')
