@@ -7,8 +7,10 @@
 # Prints a summary at the end; every step's full output stays in the results directory.
 # Usage: bench/all.sh   (bench/run.sh's variables apply to the load step, READY_KEYS (1,000,000)
 #        to the start-up step, BENCH_BIN to both; SKIP="load" or any of
-#        "criterion memory ready pgo load" leaves steps out). Takes ~30 minutes, 5–11 of them
-#        the PGO build's two compilations.
+#        "criterion memory ready pgo load" leaves steps out; PGO_BIN=<path> measures a PGO
+#        build made before). Takes ~30 minutes, 5–11 of them the PGO build (its compilations
+#        and training). The PGO build is made from the working tree, also when BENCH_BIN names
+#        a saved plain build: m against b then compares two sources.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SKIP=${SKIP:-}
@@ -30,7 +32,8 @@ if wanted ready; then
   step "start to ready: bench/ready.sh"
   NKEYS=${READY_KEYS:-1000000} bash bench/ready.sh > "$OUT/ready.txt"
 fi
-if wanted pgo && wanted load; then
+# Only when the load step will measure it (scenarios m and n), and not over a build given.
+if wanted pgo && wanted load && [ -z "${PGO_BIN:-}" ] && [[ -z "${SCENARIOS:-}" || " $SCENARIOS " == *" "[mn]" "* ]]; then
   step "profile-guided build: bench/pgo.sh"
   PGO_BIN=$(bash bench/pgo.sh 2> "$OUT/pgo.err")
   export PGO_BIN

@@ -45,11 +45,18 @@ CONNECTIONS=${CONNECTIONS:-64}
 THREADS=${THREADS:-2}
 NKEYS=${NKEYS:-10000}
 PGO_BIN=${PGO_BIN:-}     # a profile-guided build (bench/pgo.sh) adds scenarios m and n
-SCENARIOS=${SCENARIOS:-a b j c d k l e f g h i${PGO_BIN:+ m n}}   # a subset measures faster; c is the ratios' base
-if [[ " $SCENARIOS " =~ \ [mn]\  ]] && [ -z "$PGO_BIN" ]; then
-  echo "scenarios m and n measure a PGO build: set PGO_BIN (bench/pgo.sh makes one)" >&2; exit 2
+if [ -n "$PGO_BIN" ]; then
+  [ -x "$PGO_BIN" ] || { echo "PGO_BIN: no executable at '$PGO_BIN'" >&2; exit 2; }
+  PGO_BIN=$(realpath "$PGO_BIN")
+  # m and n right after b and e, so that each pair runs seconds apart.
+  SCENARIOS=${SCENARIOS:-a b m j c d k l e n f g h i}
 fi
-[ -z "$PGO_BIN" ] || PGO_BIN=$(realpath "$PGO_BIN")
+SCENARIOS=${SCENARIOS:-a b j c d k l e f g h i}   # a subset measures faster; c is the ratios' base
+for s in $SCENARIOS; do
+  case "$s" in
+    m|n) [ -n "$PGO_BIN" ] || { echo "scenarios m and n measure a PGO build: set PGO_BIN (bench/pgo.sh makes one)" >&2; exit 2; } ;;
+  esac
+done
 
 . bench/common.sh
 install_missing wrk:wrk nginx:nginx-light haproxy:haproxy redis-server:redis-server
