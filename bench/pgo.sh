@@ -31,9 +31,9 @@ build "-Cprofile-generate=$DIR/profiles/raw" "$DIR/generate"
 env -u RATE -u PGO_BIN BENCH_BIN="$DIR/generate/$HOST/release/keyward" SCENARIOS="b j e f g" \
   ROUNDS=1 DURATION=6s NKEYS=10000 CONNECTIONS=64 THREADS=2 bench/run.sh > "$DIR/training.txt"
 "$PROFDATA" merge -o "$DIR/profiles/merged.profdata" "$DIR/profiles/raw"
-# cargo rebuilds a crate when its flags change, but does not re-check the profile file of a
-# registry crate it built before: a path of the content's own makes a new profile rebuild
-# every crate rather than leave some built with the last one.
+# A path of the content's own changes the flags with every new profile, and cargo always
+# rebuilds every crate for new flags; whether it would notice a changed file behind the same
+# flags in every crate was not checked, so nothing relies on it.
 profile="$DIR/profiles/keyward-$(sha256sum "$DIR/profiles/merged.profdata" | cut -c1-16).profdata"
 mv "$DIR/profiles/merged.profdata" "$profile"
 build "-Cprofile-use=$profile" "$DIR/use"
