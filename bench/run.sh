@@ -153,6 +153,14 @@ for s in b c d e f g j k l ${PGO_BIN:+m n}; do
   bad=$(curl -s -o /dev/null -w '%{http_code}' -H "X-Forwarded-Uri: /bench/x" -H "Authorization: Bearer kw_live_nope" "${URL[$s]}")
   [ "$ok" = 200 ] && [ "$bad" = 401 ] || { echo "scenario $s: valid key → $ok, bad key → $bad" >&2; exit 1; }
 done
+# A refused key gets the JSON error envelope from every gateway (the "JSON 401"), not
+# a server's HTML page: the same answer, or the comparison is not of one job.
+for s in b c d e k l; do
+  body=$(curl -s -D "$RUN/401.head" -H "X-Forwarded-Uri: /bench/x" -H "Authorization: Bearer kw_live_nope" "${URL[$s]}")
+  grep -qi '^content-type: application/json' "$RUN/401.head" &&
+    python3 -c 'import json, sys; assert json.loads(sys.argv[1])["error"]["code"]' "$body" 2>/dev/null ||
+    { echo "scenario $s: a refused key got no JSON error envelope: $body" >&2; exit 1; }
+done
 # Every proxy tells the upstream which key called (keyward's X-Keyward-Key-Id; nginx's and
 # HAProxy's setups set the same header from their maps), or the comparison is not of one job.
 key_id=$(head -1 "$RUN/keys.txt.ids")
