@@ -6,6 +6,12 @@
 #      headers but no signed token, the nearest keyward comes to the job of c and d (which
 #      pass the key id alone; j still adds the other ids, scopes, X-Request-Id and
 #      X-Forwarded-*): b against j is what the token costs
+#   o. keyward configured as near to c's job as it goes: j without the organisation's windows
+#      (no tier is configured under the keys' organisation's tier name, so only the key's own
+#      limit applies). What remains above c's work is what every keyward request does (usage
+#      counts, the plain identity headers, X-Request-Id, X-Forwarded-*, rate-limit headers,
+#      metrics): o against c is the issue's "the same job" seen from keyward's side, as k is
+#      from nginx's
 #   c. nginx doing the same job (map of keys, per-key limit_req, proxy_pass, JSON 401/429)
 #   d. HAProxy doing the same (map, stick-table, http-request return)
 #   k. nginx doing keyward's whole job as far as nginx can (bench/nginx-fulljob.conf: c plus
@@ -49,9 +55,9 @@ if [ -n "$PGO_BIN" ]; then
   [ -x "$PGO_BIN" ] || { echo "PGO_BIN: no executable at '$PGO_BIN'" >&2; exit 2; }
   PGO_BIN=$(realpath "$PGO_BIN")
   # m and n right after b and e, so that each pair runs seconds apart.
-  SCENARIOS=${SCENARIOS:-a b m j c d k l e n f g h i}
+  SCENARIOS=${SCENARIOS:-a b m j o c d k l e n f g h i}
 fi
-SCENARIOS=${SCENARIOS:-a b j c d k l e f g h i}   # a subset measures faster; c is the ratios' base
+SCENARIOS=${SCENARIOS:-a b j o c d k l e f g h i}   # a subset measures faster; c is the ratios' base
 for s in $SCENARIOS; do
   case "$s" in
     m|n) [ -n "$PGO_BIN" ] || { echo "scenarios m and n measure a PGO build: set PGO_BIN (bench/pgo.sh makes one)" >&2; exit 2; } ;;
@@ -96,6 +102,14 @@ keyward_config 19006 19016 "" "${PG_URL%/*}/$PG_DB" > "$RUN/kw-pg/keyward.toml"
 mkdir -p "$RUN/kw-plain"
 { keyward_config 19009 19019; printf '[tokens]\nidentity_token = false\n'; } > "$RUN/kw-plain/keyward.toml"
 (cd "$RUN/kw-plain" && exec "$BIN" serve > out.log 2> err.log) & pids+=($!); kw_plain_pid=$!
+mkdir -p "$RUN/kw-keyonly"
+# The keys' organisations have the tier "free"; with no tier of that name no organisation has
+# windows (the limiter falls back to "free" and finds none).
+{ keyward_config 19018 19028 | sed 's/^\[ratelimit\.tiers\.free\]$/[ratelimit.tiers.unused]/'
+  printf '[tokens]\nidentity_token = false\n'; } > "$RUN/kw-keyonly/keyward.toml"
+grep -q '^\[ratelimit\.tiers\.unused\]$' "$RUN/kw-keyonly/keyward.toml" ||
+  { echo "scenario o: its configuration still has the tier \"free\"" >&2; exit 1; }
+(cd "$RUN/kw-keyonly" && exec "$BIN" serve > out.log 2> err.log) & pids+=($!); kw_keyonly_pid=$!
 kw_pgo_pid=""
 if [ -n "$PGO_BIN" ]; then
   mkdir -p "$RUN/kw-pgo"
@@ -105,7 +119,7 @@ if [ -n "$PGO_BIN" ]; then
 fi
 "$FLOOR_BIN" 19007 & pids+=($!); floor_pid=$!
 "$PROXY_FLOOR_BIN" 19008 127.0.0.1:19000 & pids+=($!); proxy_floor_pid=$!
-wait_port 19002; wait_port 19003; wait_port 19010; wait_port 19013; wait_port 19004; wait_port 19006; wait_port 19007; wait_port 19008; wait_port 19009
+wait_port 19002; wait_port 19003; wait_port 19010; wait_port 19013; wait_port 19004; wait_port 19006; wait_port 19007; wait_port 19008; wait_port 19009; wait_port 19018
 PG_ADMIN=$(grep -E '^kw_' "$RUN/kw-pg/err.log")
 python3 bench/make_keys.py 127.0.0.1:19006 "$PG_ADMIN" "$NKEYS" "$RUN/keys-pg.txt"
 
@@ -120,6 +134,7 @@ declare -A URL=(
   [h]="http://127.0.0.1:19007/v1/auth"
   [i]="http://127.0.0.1:19008/x"
   [j]="http://127.0.0.1:19009/bench/x"
+  [o]="http://127.0.0.1:19018/bench/x"
   [m]="http://127.0.0.1:19012/bench/x"
   [n]="http://127.0.0.1:19012/v1/auth"
   [k]="http://127.0.0.1:19010/x"
@@ -136,6 +151,7 @@ declare -A NAME=(
   [h]="HTTP floor (keyward's stack, fixed forward-auth answer)"
   [i]="proxy floor (keyward's stack forwarding, no domain work)"
   [j]="keyward proxy, memory limits, no identity token"
+  [o]="keyward proxy, key limit only, no identity token (c's job)"
   [m]="keyward proxy, memory limits, PGO build"
   [n]="keyward forward-auth GET /v1/auth, PGO build"
   [k]="nginx doing keyward's whole job (+ org limits, identity headers, request id, X-RateLimit-*)"
@@ -146,7 +162,7 @@ declare -A NAME=(
 # (h answers 200 to anything and i forwards anything with a credential: they are floors, not
 # gateways.)
 key=$(head -1 "$RUN/keys.txt")
-for s in b c d e f g j k l ${PGO_BIN:+m n}; do
+for s in b c d e f g j o k l ${PGO_BIN:+m n}; do
   k=$key
   [ "$s" = g ] && k=$(head -1 "$RUN/keys-pg.txt")
   ok=$(curl -s -o /dev/null -w '%{http_code}' -H "X-Forwarded-Uri: /bench/x" -H "Authorization: Bearer $k" "${URL[$s]}")
@@ -155,7 +171,7 @@ for s in b c d e f g j k l ${PGO_BIN:+m n}; do
 done
 # A refused key gets the JSON error envelope from every gateway (the issue's "JSON 401"), not
 # a server's HTML page: the same answer, or the comparison is not of one job.
-for s in b c d e k l; do
+for s in b c d e o k l; do
   body=$(curl -s -D "$RUN/401.head" -H "X-Forwarded-Uri: /bench/x" -H "Authorization: Bearer kw_live_nope" "${URL[$s]}")
   grep -qi '^content-type: application/json' "$RUN/401.head" &&
     python3 -c 'import json, sys; assert json.loads(sys.argv[1])["error"]["code"]' "$body" 2>/dev/null ||
@@ -164,15 +180,17 @@ done
 # Every proxy tells the upstream which key called (keyward's X-Keyward-Key-Id; nginx's and
 # HAProxy's setups set the same header from their maps), or the comparison is not of one job.
 key_id=$(head -1 "$RUN/keys.txt.ids")
-for s in b c d f j k l ${PGO_BIN:+m}; do
+for s in b c d f j o k l ${PGO_BIN:+m}; do
   caller=$(curl -s -H "Authorization: Bearer $key" "${URL[$s]%/x}/caller")
   [ "$caller" = "$key_id" ] || { echo "scenario $s: the upstream saw key id '$caller', not $key_id" >&2; exit 1; }
 done
 # b sends the signed identity token upstream and j does not (or b against j measures nothing).
 token=$(curl -s -H "Authorization: Bearer $key" "${URL[b]%/x}/identity")
 [ "$(tr -cd . <<< "$token")" = .. ] || { echo "scenario b: the upstream got no identity token" >&2; exit 1; }
-token=$(curl -s -H "Authorization: Bearer $key" "${URL[j]%/x}/identity")
-[ -z "$token" ] || { echo "scenario j: the upstream got an identity token" >&2; exit 1; }
+for s in j o; do
+  token=$(curl -s -H "Authorization: Bearer $key" "${URL[$s]%/x}/identity")
+  [ -z "$token" ] || { echo "scenario $s: the upstream got an identity token" >&2; exit 1; }
+done
 # k and l send the whole identity keyward sends (org, project, scopes and a token), replace
 # what a client sent under those names, and answer with the rate-limit headers and a request
 # id as keyward does, or they would not be doing its whole job.
@@ -206,6 +224,7 @@ declare -A GATEWAY=(
   [a]="$UPSTREAM_WORKERS"
   [b]="$kw_pid" [e]="$kw_pid"
   [j]="$kw_plain_pid"
+  [o]="$kw_keyonly_pid"
   [m]="$kw_pgo_pid" [n]="$kw_pgo_pid"
   [c]="$(pgrep -P "$keyauth_master" | xargs)"
   [d]="$haproxy_pid"
