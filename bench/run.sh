@@ -3,7 +3,7 @@
 #   a. the upstream alone (nginx `return 200`, 1 worker): the ceiling
 #   b. keyward proxy mode, keys drawn from 10,000, limits too high to trigger
 #   j. the same with `tokens.identity_token = false`: the upstream gets the plain identity
-#      headers but no signed token, the nearest keyward comes to the job of c and d (which
+#      headers but no signed token, nearer to the job of c and d, o nearer still (c and d
 #      pass the key id alone; j still adds the other ids, scopes, X-Request-Id and
 #      X-Forwarded-*): b against j is what the token costs
 #   o. keyward configured as near to c's job as it goes: j without the organisation's windows
