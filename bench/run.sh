@@ -171,12 +171,39 @@ for s in b c d e f g j o k l ${PGO_BIN:+m n}; do
 done
 # A refused key gets the JSON error envelope from every gateway (the issue's "JSON 401"), not
 # a server's HTML page: the same answer, or the comparison is not of one job.
+json_error() { # headers-file body → true when the answer is application/json with error.code
+  grep -qi '^content-type: application/json' "$1" &&
+    python3 -c 'import json, sys; assert json.loads(sys.argv[1])["error"]["code"]' "$2" 2>/dev/null
+}
 for s in b c d e o k l; do
   body=$(curl -s -D "$RUN/401.head" -H "X-Forwarded-Uri: /bench/x" -H "Authorization: Bearer kw_live_nope" "${URL[$s]}")
-  grep -qi '^content-type: application/json' "$RUN/401.head" &&
-    python3 -c 'import json, sys; assert json.loads(sys.argv[1])["error"]["code"]' "$body" 2>/dev/null ||
-    { echo "scenario $s: a refused key got no JSON error envelope: $body" >&2; exit 1; }
+  json_error "$RUN/401.head" "$body" || { echo "scenario $s: a refused key got no JSON error envelope: $body" >&2; exit 1; }
 done
+# And a key over its limit gets a JSON 429 from c's and d's setups ("JSON 401/429"), which
+# their benchmark limits never reach: copies of their configurations with the limit cut to
+# one request a minute, on ports of their own, stopped once they have answered.
+sed -e "s#__RUN__#$RUN#g" -e 's/keyauth\.pid/keyauth-429.pid/' -e 's/listen 127\.0\.0\.1:19002 /listen 127.0.0.1:19032 /' \
+    -e 's#rate=100000r/s#rate=1r/m#' -e 's/burst=100000 nodelay/nodelay/' bench/nginx-keyauth.conf > "$RUN/keyauth-429.conf"
+sed -e "s#__RUN__#$RUN#g" -e 's/bind 127\.0\.0\.1:19003$/bind 127.0.0.1:19033/' -e 's/gt 100000000 }/gt 1 }/' \
+    bench/haproxy.cfg > "$RUN/haproxy-429.cfg"
+for want in 'listen 127.0.0.1:19032 ' 'rate=1r/m;' 'zone=per_key nodelay;'; do
+  grep -qF "$want" "$RUN/keyauth-429.conf" || { echo "the 429 copy of nginx-keyauth.conf lacks '$want'" >&2; exit 1; }
+done
+for want in 'bind 127.0.0.1:19033' 'gt 1 }'; do
+  grep -qF "$want" "$RUN/haproxy-429.cfg" || { echo "the 429 copy of haproxy.cfg lacks '$want'" >&2; exit 1; }
+done
+nginx -c "$RUN/keyauth-429.conf" -p "$RUN" & pids+=($!); limited=($!)
+haproxy -f "$RUN/haproxy-429.cfg" -db > "$RUN/haproxy-429.log" 2>&1 & pids+=($!); limited+=($!)
+wait_port 19032; wait_port 19033
+for target in c:19032 d:19033; do
+  codes=""
+  for _ in 1 2 3; do
+    codes+="$(curl -s -D "$RUN/429.head" -o "$RUN/429.body" -w '%{http_code}' -H "Authorization: Bearer $key" "http://127.0.0.1:${target#*:}/x") "
+  done
+  [ "$codes" = "200 429 429 " ] && json_error "$RUN/429.head" "$(cat "$RUN/429.body")" ||
+    { echo "scenario ${target%:*} with a limit of 1: answers $codes, last body $(cat "$RUN/429.body")" >&2; exit 1; }
+done
+kill "${limited[@]}"; wait "${limited[@]}" 2>/dev/null || true
 # Every proxy tells the upstream which key called (keyward's X-Keyward-Key-Id; nginx's and
 # HAProxy's setups set the same header from their maps), or the comparison is not of one job.
 key_id=$(head -1 "$RUN/keys.txt.ids")
